@@ -1,0 +1,205 @@
+"""Fake-quantized layers (a weight quantizer plus an input-activation quantizer) and BatchNorm folding."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizer import Quantizer
+
+
+class _QuantLayer(nn.Module):
+    """Shared part of QuantLinear / QuantConv2d: float weight and bias (learnable), a per-output-channel
+    (``w_axis=0``) or per-tensor (``w_axis=None``) weight quantizer and a per-tensor input quantizer."""
+
+    weight: nn.Parameter
+    bias: Optional[nn.Parameter]
+
+    def _init_quant(self, layer: nn.Module, w_bits: int, a_bits: int, per_channel: bool, a_signed: bool,
+                    a_enabled: bool) -> None:
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        out = self.weight.shape[0]
+        self.weight_quantizer = Quantizer(w_bits, signed=True, axis=0 if per_channel else None,
+                                          channels=out if per_channel else None)
+        self.act_quantizer = Quantizer(a_bits, signed=a_signed, mode="hard" if a_enabled else "off")
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def weight_integers(self) -> Tensor:
+        """The integer weights of the hard-quantized state (int32, shaped like ``weight``)."""
+        return self.weight_quantizer.integers(self.weight)
+
+    def set_bits(self, w_bits: Optional[int] = None, a_bits: Optional[int] = None) -> None:
+        if w_bits is not None:
+            self.weight_quantizer.bits = w_bits
+        if a_bits is not None:
+            self.act_quantizer.bits = a_bits
+
+
+class QuantLinear(_QuantLayer):
+    """``F.linear(act_quantizer(x), weight_quantizer(weight), bias)``."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int, *, per_channel: bool = True,
+                 a_signed: bool = True, a_enabled: bool = True):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QuantLinear wraps nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._init_quant(linear, w_bits, a_bits, per_channel, a_signed, a_enabled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+    def float_module(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with this layer's current (unquantized) weight and bias."""
+        m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        m.weight.data.copy_(self.weight.data)
+        if self.bias is not None:
+            m.bias.data.copy_(self.bias.data)
+        return m.to(self.weight.device)
+
+
+class QuantConv2d(_QuantLayer):
+    """``conv2d(act_quantizer(x), weight_quantizer(weight), bias)`` with the wrapped conv's geometry."""
+
+    _GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode", "_reversed_padding_repeated_twice")
+
+    def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int, *, per_channel: bool = True,
+                 a_signed: bool = True, a_enabled: bool = True):
+        super().__init__()
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"QuantConv2d wraps nn.Conv2d, got {type(conv).__name__}")
+        for attr in self._GEOMETRY:
+            setattr(self, attr, getattr(conv, attr))
+        self._init_quant(conv, w_bits, a_bits, per_channel, a_signed, a_enabled)
+
+    def _conv(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+    def float_module(self) -> nn.Conv2d:
+        m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                      self.dilation, self.groups, bias=self.bias is not None, padding_mode=self.padding_mode)
+        m.weight.data.copy_(self.weight.data)
+        if self.bias is not None:
+            m.bias.data.copy_(self.bias.data)
+        return m.to(self.weight.device)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}")
+
+
+QUANT_LAYERS = (QuantLinear, QuantConv2d)
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, _QuantLayer]]:
+    """``(name, layer)`` for every QuantLinear / QuantConv2d in ``model``, in registration order."""
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_LAYERS):
+            yield name, m
+
+
+def to_quant_layer(m: nn.Module, w_bits: int, a_bits: int, **kw) -> _QuantLayer:
+    if isinstance(m, nn.Linear):
+        return QuantLinear(m, w_bits, a_bits, **kw)
+    if isinstance(m, nn.Conv2d):
+        return QuantConv2d(m, w_bits, a_bits, **kw)
+    raise TypeError(f"only nn.Linear and nn.Conv2d can be quantized, got {type(m).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm folding
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new Conv2d equal to ``bn(conv(x))`` with ``bn`` in eval mode:
+    ``w' = w * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps) + beta``."""
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"fold_bn: BatchNorm has {bn.num_features} features but the conv has "
+                         f"{conv.out_channels} output channels")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_bn: BatchNorm without running statistics (track_running_stats=False) cannot be folded")
+    folded = copy.deepcopy(conv)
+    inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
+    gamma = bn.weight.float() if bn.weight is not None else torch.ones_like(inv_std)
+    beta = bn.bias.float() if bn.bias is not None else torch.zeros_like(inv_std)
+    factor = gamma * inv_std
+    w = conv.weight.float() * factor.reshape(-1, 1, 1, 1)
+    b = conv.bias.float() if conv.bias is not None else torch.zeros_like(inv_std)
+    b = (b - bn.running_mean.float()) * factor + beta
+    folded.weight = nn.Parameter(w.to(conv.weight.dtype))
+    folded.bias = nn.Parameter(b.to(conv.weight.dtype))
+    return folded
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _bn_pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where the BN's only input is the conv's output, read off an FX trace."""
+    import torch.fx
+
+    gm = torch.fx.symbolic_trace(model)
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1
+                and calls[src.target] == 1 and calls[node.target] == 1):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def _bn_pairs_by_order(model: nn.Module) -> list[tuple[str, str]]:
+    """Fallback when the model cannot be traced: a BatchNorm2d registered right after a Conv2d of the same
+    parent, with matching channels (the torchvision convention: ``conv1``/``bn1``)."""
+    pairs = []
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (cn, c), (bn_name, b) in zip(children, children[1:]):
+            if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and b.num_features == c.out_channels:
+                prefix = f"{parent_name}." if parent_name else ""
+                pairs.append((prefix + cn, prefix + bn_name))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm2d that directly follows a Conv2d folded into it (the BN
+    replaced by ``nn.Identity``). The pairs come from an FX trace; a model that cannot be traced falls back
+    to registration order with a warning. The input model is untouched."""
+    try:
+        pairs = _bn_pairs_fx(model)
+    except Exception as e:  # data-dependent control flow etc.
+        warnings.warn(f"fold_batchnorm: FX tracing failed ({type(e).__name__}: {e}); pairing Conv2d and "
+                      f"BatchNorm2d by registration order instead", RuntimeWarning, stacklevel=2)
+        pairs = _bn_pairs_by_order(model)
+    folded = copy.deepcopy(model)
+    for conv_name, bn_name in pairs:
+        _set_module(folded, conv_name, fold_bn(folded.get_submodule(conv_name), folded.get_submodule(bn_name)))
+        _set_module(folded, bn_name, nn.Identity())
+    return folded

@@ -1,0 +1,377 @@
+"""Pure-PyTorch reference implementations of every hdrq op.
+
+These functions are the *definition of correct*: the Triton and CUDA kernels are tested against them
+bit for bit where the arithmetic allows it (see the notes on each function), and they are what runs on
+CPU tensors and under ``hdrq.set_backend("reference")``. They work on CPU and CUDA tensors alike.
+
+Conventions shared with the kernels (change one, change all):
+
+* A step size ``s`` is applied as ``v = x * (1 / s)`` (the reciprocal first, as
+  ``torch.fake_quantize_per_channel_affine`` does), all arithmetic in fp32 (fp64 for fp64 inputs), and the
+  result is cast to the input dtype once.
+* Rounding is round-half-to-even (``torch.round``).
+* Random numbers are Philox4x32-10 keyed by the 64-bit seed, counter = element index // 4, lane =
+  element index % 4 (bit-identical to ``triton.language.randint4x(seed, index // 4)``); a 32-bit draw ``r``
+  becomes ``u = (r >> 8) * 2**-24 - 0.5``, exactly representable, in [-0.5, 0.5).
+* "Element index" is the row-major linear index of the element in the logical shape of ``x``, whatever
+  its strides.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------------
+# Grids
+# --------------------------------------------------------------------------------------------------
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """The integer grid ``[qmin, qmax]`` of a ``bits``-bit quantizer."""
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def broadcast_scale(scale: Tensor, x: Tensor, axis: Optional[int]) -> Tensor:
+    """``scale`` reshaped to broadcast against ``x``: a scalar for ``axis=None``, else ``[1,..,C,..,1]``."""
+    if axis is None:
+        return scale.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def reduce_to_scale(t: Tensor, scale: Tensor, axis: Optional[int]) -> Tensor:
+    """Sum ``t`` (shaped like x) over everything but ``axis``; the result has ``scale``'s shape."""
+    if axis is None:
+        return t.sum().reshape(scale.shape)
+    dims = [d for d in range(t.dim()) if d != axis % t.dim()]
+    return t.sum(dim=dims).reshape(scale.shape) if dims else t.reshape(scale.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Philox4x32-10, in int64 tensors holding uint32 values
+# --------------------------------------------------------------------------------------------------
+
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_U32 = 0xFFFFFFFF
+SEED_MASK = (1 << 63) - 1  # seeds are taken modulo 2**63 so every backend sees the same non-negative int64
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values ``b`` (int64).
+
+    The 64-bit product would overflow int64, so ``b`` is split into 16-bit halves; every partial product
+    stays below 2**49."""
+    p_hi = a * (b >> 16)
+    p_lo = a * (b & 0xFFFF)
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _U32
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Four uint32 streams (as int64 tensors) for counters ``counter`` (int64, >= 0) under ``seed``.
+
+    Same as Triton's ``randint4x(seed, counter)``: state ``(c_lo, c_hi, 0, 0)``, key ``(seed_lo, seed_hi)``."""
+    seed &= SEED_MASK
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    c0 = counter & _U32
+    c1 = (counter >> 32) & _U32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _U32
+        k1 = (k1 + _PHILOX_KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def random_bits24(numel: int, seed: int, device) -> Tensor:
+    """The top 24 bits of the Philox draw of every element index in ``[0, numel)``, as int64."""
+    counter = torch.arange((numel + 3) // 4, device=device, dtype=torch.int64)
+    lanes = torch.stack(philox4x32(seed, counter), dim=1).reshape(-1)[:numel]
+    return lanes >> 8
+
+
+def uniform_noise(shape, seed: int, device) -> Tensor:
+    """``u ~ U[-0.5, 0.5)`` in fp32 with 2**24 levels, one per element of ``shape`` (row-major order)."""
+    shape = tuple(int(d) for d in shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = random_bits24(numel, seed, device)
+    return (bits.to(torch.float32) * 2.0**-24 - 0.5).reshape(shape)
+
+
+def mix_seed(seed: int, *streams: int) -> int:
+    """A new seed for sub-stream(s) ``streams`` of ``seed`` (SplitMix64 finaliser), in [0, 2**63).
+
+    Used for the QDrop drop mask (stream 1 of the noise seed), per-layer and per-step seeds."""
+    z = seed & 0xFFFFFFFFFFFFFFFF
+    for s in streams:
+        z = (z + 0x9E3779B97F4A7C15 * (s + 1)) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 31
+    return z & SEED_MASK
+
+
+# --------------------------------------------------------------------------------------------------
+# Hard fake quantization (LSQ gradients, same as torch._fake_quantize_learnable_per_channel_affine)
+# --------------------------------------------------------------------------------------------------
+
+
+def fake_quant(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int]) -> Tensor:
+    qmin, qmax = qrange(bits, signed)
+    cdt = compute_dtype(x)
+    s = broadcast_scale(scale.to(cdt), x, axis)
+    q = torch.clamp(torch.round(x.to(cdt) * (1.0 / s)), qmin, qmax)
+    return (q * s).to(x.dtype)
+
+
+def fake_quant_backward(grad: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool,
+                        axis: Optional[int]) -> tuple[Tensor, Tensor]:
+    """d/dx = 1 where ``qmin <= round(x/s) <= qmax`` else 0; d/ds = ``round(x/s) - x/s`` in range, else
+    qmin or qmax; both times ``grad``, d/ds summed per scale."""
+    qmin, qmax = qrange(bits, signed)
+    cdt = compute_dtype(x)
+    s = broadcast_scale(scale.to(cdt), x, axis)
+    g = grad.to(cdt)
+    v = x.to(cdt) * (1.0 / s)
+    r = torch.round(v)
+    below, above = r < qmin, r > qmax
+    inside = ~(below | above)
+    dx = torch.where(inside, g, torch.zeros_like(g))
+    ds_elem = torch.where(inside, r - v, torch.where(below, torch.full_like(v, qmin), torch.full_like(v, qmax)))
+    ds = reduce_to_scale(ds_elem * g, scale, axis)
+    return dx.to(x.dtype), ds.to(scale.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise fake quantization
+# --------------------------------------------------------------------------------------------------
+
+HIST_BINS = 256
+
+
+def _grouped(t: Tensor, axis: Optional[int]) -> Tensor:
+    """``t`` as ``[groups, elements per group]``: one group per scale."""
+    if axis is None:
+        return t.reshape(1, -1)
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+
+
+def _ungrouped(t: Tensor, like: Tensor, axis: Optional[int]) -> Tensor:
+    if axis is None:
+        return t.reshape(like.shape)
+    moved = list(like.shape)
+    moved.insert(0, moved.pop(axis))
+    return t.reshape(moved).movedim(0, axis)
+
+
+def rounding_error_histogram(x: Tensor, scale: Tensor, bits: int, signed: bool,
+                             axis: Optional[int]) -> Tensor:
+    """Per scale group, the 256-bin histogram (int64 counts) over [-0.5, 0.5] of the rounding errors
+    ``round(x/s) - x/s`` of the in-range elements (``s*qmin <= x <= s*qmax``). Shape ``[groups, 256]``.
+
+    Bin of an error e: ``clamp(floor((e + 0.5) * 256), 0, 255)``, computed in fp32."""
+    qmin, qmax = qrange(bits, signed)
+    xf = x.to(torch.float32)
+    s = broadcast_scale(scale.to(torch.float32), x, axis)
+    v = xf * (1.0 / s)
+    err = torch.round(v) - v
+    inside = (xf >= s * qmin) & (xf <= s * qmax)
+    bins = torch.clamp(torch.floor((err + 0.5) * HIST_BINS), 0, HIST_BINS - 1).to(torch.int64)
+    bins_g = _grouped(bins, axis)
+    inside_g = _grouped(inside, axis).to(torch.int64)
+    groups = bins_g.shape[0]
+    flat = bins_g + torch.arange(groups, device=x.device).unsqueeze(1) * HIST_BINS
+    counts = torch.zeros(groups * HIST_BINS, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, flat.reshape(-1), inside_g.reshape(-1))
+    return counts.reshape(groups, HIST_BINS)
+
+
+# 0.5 - 2**-25: the largest fp32 below 0.5. A draw at the very top of bin 255 can round up to 0.5.
+U_MAX = 0.4999999701976776
+
+
+def histogram_noise(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int],
+                    seed: int) -> Tensor:
+    """Noise drawn from each scale group's rounding-error histogram by inverse-CDF sampling.
+
+    With the 24-bit draw ``k`` of an element and its group's integer histogram (cumulative counts ``C``,
+    total ``T``): the bin ``b`` is the first with ``k*T < C[b] * 2**24`` (exact integer arithmetic), the
+    position inside the bin ``f = fp32(k*T - C[b-1]*2**24) / fp32(count[b] * 2**24)`` (the continuous
+    inverse CDF of the piecewise-uniform density), and ``u = min((b - 128)/256 + f/256, U_MAX)``. A group
+    with no in-range element falls back to the uniform draw ``k * 2**-24 - 0.5``. Returns fp32 like x."""
+    counts = rounding_error_histogram(x, scale, bits, signed, axis)  # [G, 256]
+    cum = counts.cumsum(1)
+    total = cum[:, -1:]  # [G, 1]
+    k = _grouped(random_bits24(x.numel(), seed, x.device).reshape(x.shape), axis)  # [G, n]
+    target = k * total
+    b = torch.searchsorted(cum << 24, target.contiguous(), right=True).clamp_(max=HIST_BINS - 1)
+    prev = torch.where(b > 0, torch.gather(cum, 1, (b - 1).clamp(min=0)), torch.zeros_like(b))
+    cnt = torch.gather(counts, 1, b)
+    frac = (target - (prev << 24)).to(torch.float32) / (cnt << 24).to(torch.float32)
+    u = (b - HIST_BINS // 2).to(torch.float32) * (1.0 / HIST_BINS) + frac * (1.0 / HIST_BINS)
+    u = torch.clamp(u, max=U_MAX)
+    uniform = k.to(torch.float32) * 2.0**-24 - 0.5
+    u = torch.where(total > 0, u, uniform)
+    return _ungrouped(u, x, axis)
+
+
+def quant_noise(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int], seed: int,
+                mode: str) -> Tensor:
+    """The noise ``u`` that ``noise_fake_quant`` adds (fp32, shaped like x)."""
+    if mode == "uniform":
+        return uniform_noise(x.shape, seed, x.device)
+    return histogram_noise(x, scale, bits, signed, axis, seed)
+
+
+def noise_fake_quant_from_noise(x: Tensor, scale: Tensor, u: Tensor, bits: int, signed: bool,
+                                axis: Optional[int]) -> Tensor:
+    """``y = x + s*u`` where ``s*qmin <= x <= s*qmax``, else ``x`` clamped to that range."""
+    qmin, qmax = qrange(bits, signed)
+    cdt = compute_dtype(x)
+    xf = x.to(cdt)
+    s = broadcast_scale(scale.to(cdt), x, axis)
+    lo, hi = s * qmin, s * qmax
+    y = torch.where(xf < lo, lo, torch.where(xf > hi, hi, xf + s * u.to(cdt)))
+    return y.to(x.dtype)
+
+
+def noise_fake_quant(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int], seed: int,
+                     mode: str) -> Tensor:
+    u = quant_noise(x, scale, bits, signed, axis, seed, mode)
+    return noise_fake_quant_from_noise(x, scale, u, bits, signed, axis)
+
+
+def noise_fake_quant_backward(grad: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool,
+                              axis: Optional[int], seed: int, mode: str) -> tuple[Tensor, Tensor]:
+    """d/dx = 1 in range else 0; d/ds = u in range, qmin below, qmax above; d/ds summed per scale.
+    The noise is regenerated from the seed (nothing was stored by the forward)."""
+    qmin, qmax = qrange(bits, signed)
+    cdt = compute_dtype(x)
+    xf = x.to(cdt)
+    g = grad.to(cdt)
+    s = broadcast_scale(scale.to(cdt), x, axis)
+    lo, hi = s * qmin, s * qmax
+    below, above = xf < lo, xf > hi
+    inside = ~(below | above)
+    u = quant_noise(x, scale, bits, signed, axis, seed, mode).to(cdt)
+    dx = torch.where(inside, g, torch.zeros_like(g))
+    ds_elem = torch.where(inside, u, torch.where(below, torch.full_like(u, qmin), torch.full_like(u, qmax)))
+    ds = reduce_to_scale(ds_elem * g, scale, axis)
+    return dx.to(x.dtype), ds.to(scale.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# QDrop activation quantizer: where(r < p, x, q(x))
+# --------------------------------------------------------------------------------------------------
+
+
+def drop_mask(shape, seed: int, p: float, device) -> Tensor:
+    """True where the element keeps its full-precision value: ``r < p`` for ``r ~ U[0, 1)`` drawn from
+    stream 1 of ``seed`` (independent of the quantization noise, which uses ``seed`` itself)."""
+    r = uniform_noise(shape, mix_seed(seed, 1), device) + 0.5
+    return r < p
+
+
+def qdrop_fake_quant(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional[int], seed: int,
+                     p: float, noise: bool, mode: str) -> Tensor:
+    q = (noise_fake_quant(x, scale, bits, signed, axis, seed, mode) if noise
+         else fake_quant(x, scale, bits, signed, axis))
+    return torch.where(drop_mask(x.shape, seed, p, x.device), x, q)
+
+
+def qdrop_fake_quant_backward(grad: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool,
+                              axis: Optional[int], seed: int, p: float, noise: bool,
+                              mode: str) -> tuple[Tensor, Tensor]:
+    keep = drop_mask(x.shape, seed, p, x.device)
+    gq = torch.where(keep, torch.zeros_like(grad), grad)
+    if noise:
+        dx, ds = noise_fake_quant_backward(gq, x, scale, bits, signed, axis, seed, mode)
+    else:
+        dx, ds = fake_quant_backward(gq, x, scale, bits, signed, axis)
+    return torch.where(keep, grad, dx).to(x.dtype), ds
+
+
+# --------------------------------------------------------------------------------------------------
+# Deploy-side ops
+# --------------------------------------------------------------------------------------------------
+
+
+def quantize_per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric dynamic quantization of each row of ``x [M, K]``: ``scale = absmax / qmax`` (fp32),
+    ``q = clamp(round(x * (1/scale)), -qmax, qmax)`` as int8; a row of zeros gets scale 0 and q = 0."""
+    qmax = (1 << (bits - 1)) - 1
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(dim=-1) / qmax
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.clamp(torch.round(xf * inv.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def pack_int6(q: Tensor) -> Tensor:
+    """Pack int6 values (int8 tensor in [-32, 31], last dim K a multiple of 4) into ``[..., 3K/4]`` uint8.
+
+    Four values ``v0..v3`` (6-bit two's complement each) form the 24-bit word
+    ``v0 | v1 << 6 | v2 << 12 | v3 << 18``, stored little-endian in three bytes."""
+    k = q.shape[-1]
+    v = (q.to(torch.int32) & 0x3F).reshape(*q.shape[:-1], k // 4, 4)
+    word = v[..., 0] | (v[..., 1] << 6) | (v[..., 2] << 12) | (v[..., 3] << 18)
+    packed = torch.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], dim=-1)
+    return packed.reshape(*q.shape[:-1], 3 * (k // 4)).to(torch.uint8)
+
+
+def unpack_int6(packed: Tensor, shape) -> Tensor:
+    """Inverse of :func:`pack_int6`: int8 tensor of ``shape``."""
+    shape = tuple(int(d) for d in shape)
+    b = packed.to(torch.int32).reshape(*shape[:-1], shape[-1] // 4, 3)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    v = torch.stack([(word >> (6 * i)) & 0x3F for i in range(4)], dim=-1)
+    v = torch.where(v >= 32, v - 64, v)
+    return v.reshape(shape).to(torch.int8)
+
+
+def pack_weight(q: Tensor, bits: int) -> Tensor:
+    """The layout ``int_matmul`` takes for weights ``q [N, K]``: int8 ``[N, K]`` for 8 bits, the canonical
+    6-bit packing (:func:`pack_int6`, uint8 ``[N, 3K/4]``) for 6 bits."""
+    return q.contiguous() if bits == 8 else pack_int6(q)
+
+
+def unpack_weight(w: Tensor, bits: int, n: int, k: int) -> Tensor:
+    """Inverse of :func:`pack_weight`: int8 ``[N, K]``."""
+    return w if bits == 8 else unpack_int6(w, (n, k))
+
+
+def int_matmul_acc(a_q: Tensor, w_q: Tensor) -> Tensor:
+    """Exact int32 ``a_q [M, K] @ w_q [N, K]^T``. Products are summed in float64, which is exact while
+    ``|acc| < 2**53`` (always, for int8 inputs and K < 2**38)."""
+    acc = a_q.to(torch.float64) @ w_q.to(torch.float64).t()
+    return acc.to(torch.int32)
+
+
+def int_matmul(a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, w_bits: int,
+               bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """``out = fp32(acc) * a_scale[:, None] * w_scale[None, :] + bias``, in fp32 in that order, cast once.
+    ``a_scale`` has M entries (per token) or one (per tensor)."""
+    n, k = w_scale.shape[0], a_q.shape[1]
+    acc = int_matmul_acc(a_q, unpack_weight(w, w_bits, n, k)).to(torch.float32)
+    out = acc * a_scale.to(torch.float32).reshape(-1, 1) * w_scale.to(torch.float32).reshape(1, -1)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)

@@ -1,0 +1,414 @@
+"""The reference ops (hdrq.ops on CPU tensors): values, gradients, randomness, packing, matmul, errors."""
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from hdrq import ops
+from hdrq import reference as ref
+
+torch.manual_seed(0)
+
+SHAPES_AXES = [((7,), None), ((7,), 0), ((3, 5), 0), ((3, 5), 1), ((2, 3, 4), 1), ((2, 3, 4), -1),
+               ((4, 3, 3, 3), 0), ((1,), None), ((17, 1), 1)]
+
+
+def rand_scale(x, axis, lo=0.05, hi=0.5):
+    n = 1 if axis is None else x.shape[axis]
+    s = lo + (hi - lo) * torch.rand(n, dtype=torch.float32)
+    return s.reshape(()) if axis is None else s
+
+
+def torch_lsq(x, scale, bits, signed, axis):
+    """PyTorch's own learnable fake quant (zero point 0, grad_factor 1) on a per-channel view."""
+    qmin, qmax = ref.qrange(bits, signed)
+    if axis is None:
+        xv, sv, ax = x.reshape(1, -1), scale.reshape(1), 0
+    elif x.dim() == 1:  # torch's op returns a wrongly shaped scale gradient for 1-D inputs
+        xv, sv, ax = x.reshape(-1, 1), scale, 0
+    else:
+        xv, sv, ax = x, scale, axis % x.dim()
+    zp = torch.zeros(sv.shape, dtype=torch.float32)
+    y = torch._fake_quantize_learnable_per_channel_affine(xv, sv, zp, ax, qmin, qmax, 1.0)
+    return y.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------- fake_quant
+
+def test_fake_quant_hand_computed():
+    x = torch.tensor([0.26, -1.0, 3.0, 0.25, 0.75, -2.2])
+    s = torch.tensor(0.5)
+    # x/s = 0.52, -2, 6, 0.5, 1.5, -4.4 -> round half even: 1, -2, 6, 0, 2, -4 -> clamp to [-4, 3]
+    assert torch.equal(ops.fake_quant(x, s, bits=3), torch.tensor([0.5, -1.0, 1.5, 0.0, 1.0, -2.0]))
+    # unsigned 3-bit: [0, 7]
+    assert torch.equal(ops.fake_quant(x, s, bits=3, signed=False), torch.tensor([0.5, 0.0, 3.0, 0.0, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+def test_fake_quant_matches_torch_learnable_op(bits, signed, shape, axis):
+    x = torch.randn(shape) * 2
+    scale = rand_scale(x, axis)
+    x1 = x.clone().requires_grad_()
+    s1 = scale.clone().requires_grad_()
+    y1 = ops.fake_quant(x1, s1, bits=bits, signed=signed, axis=axis)
+    x2 = x.clone().requires_grad_()
+    s2 = scale.clone().requires_grad_()
+    y2 = torch_lsq(x2, s2, bits, signed, axis)
+    assert torch.equal(y1, y2)
+    g = torch.randn(shape)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    torch.testing.assert_close(s1.grad, s2.grad.reshape(s1.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_fake_quant_half_dtypes_round_once():
+    x = torch.randn(64, 8)
+    s = rand_scale(x, 1)
+    for dt in (torch.float16, torch.bfloat16):
+        y = ops.fake_quant(x.to(dt), s, bits=4, axis=1)
+        assert y.dtype == dt
+        expect = ref.fake_quant(x.to(dt).float(), s, 4, True, 1).to(dt)
+        assert torch.equal(y, expect)
+
+
+def test_fake_quant_noncontiguous():
+    x = torch.randn(6, 10)[:, ::2].t()  # [5, 6], strided
+    s = rand_scale(x, 1)
+    assert torch.equal(ops.fake_quant(x, s, bits=4, axis=1), ops.fake_quant(x.contiguous(), s, bits=4, axis=1))
+
+
+def test_fake_quant_empty_and_scalar():
+    assert ops.fake_quant(torch.empty(0, 3), torch.ones(3), bits=4, axis=1).shape == (0, 3)
+    y = ops.fake_quant(torch.tensor(0.3), torch.tensor(0.25), bits=4)
+    assert y.shape == () and y.item() == 0.25
+
+
+# ---------------------------------------------------------------------------------------------- randomness
+
+def test_uniform_noise_reproducible_and_seed_dependent():
+    a = ops.uniform_noise([1000], seed=7)
+    assert torch.equal(a, ops.uniform_noise([1000], seed=7))
+    b = ops.uniform_noise([1000], seed=8)
+    assert not torch.equal(a, b)
+    assert a.dtype == torch.float32 and a.shape == (1000,)
+
+
+def test_uniform_noise_prefix_stable():
+    """The draw of an element depends on its index only, not on the tensor size."""
+    big = ops.uniform_noise([1001], seed=3)
+    small = ops.uniform_noise([13], seed=3)
+    assert torch.equal(big[:13], small)
+    assert torch.equal(ops.uniform_noise([7, 11], seed=3).reshape(-1), ops.uniform_noise([77], seed=3))
+
+
+def test_uniform_noise_statistics():
+    u = ops.uniform_noise([1 << 18], seed=11).double()
+    assert u.min() >= -0.5 and u.max() < 0.5
+    n = u.numel()
+    assert abs(u.mean()) < 4 * math.sqrt(1 / 12 / n)
+    assert abs(u.var() - 1 / 12) < 0.003
+    # no correlation with the neighbour or with another seed
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.01
+    v = ops.uniform_noise([1 << 18], seed=12).double()
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1]) < 0.01
+    # uniform: chi-square over 64 equal bins (p > 1e-4 at 63 dof means chi2 < ~120)
+    counts = torch.histc(u, bins=64, min=-0.5, max=0.5)
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum()
+    assert chi2 < 120
+
+
+def test_uniform_noise_levels_exact():
+    u = ops.uniform_noise([4096], seed=5)
+    k = (u + 0.5) * 2**24
+    assert torch.equal(k, k.round())  # every value is k * 2**-24 - 0.5
+
+
+def test_mix_seed_distinct():
+    seeds = {ref.mix_seed(1, i) for i in range(1000)} | {ref.mix_seed(2, i) for i in range(1000)}
+    assert len(seeds) == 2000 and all(0 <= s < 2**63 for s in seeds)
+
+
+# ---------------------------------------------------------------------------------------------- noise_fake_quant
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_noise_fake_quant_formula_and_grads(shape, axis, signed, bits):
+    x = torch.randn(shape) * 1.5
+    scale = rand_scale(x, axis)
+    seed = 1234
+    u = ops.uniform_noise(shape, seed)
+    qmin, qmax = ref.qrange(bits, signed)
+    s = ref.broadcast_scale(scale, x, axis)
+    lo, hi = s * qmin, s * qmax
+    inside = (x >= lo) & (x <= hi)
+    expect = torch.where(x < lo, lo, torch.where(x > hi, hi, x + s * u))
+    xr = x.clone().requires_grad_()
+    sr = scale.clone().requires_grad_()
+    y = ops.noise_fake_quant(xr, sr, bits=bits, signed=signed, axis=axis, seed=seed)
+    assert torch.equal(y, expect)
+    g = torch.randn(shape)
+    y.backward(g)
+    assert torch.equal(xr.grad, g * inside)
+    ds_elem = torch.where(inside, u, torch.where(x < lo, float(qmin), float(qmax))) * g
+    torch.testing.assert_close(sr.grad, ref.reduce_to_scale(ds_elem, scale, axis), rtol=1e-5, atol=1e-5)
+
+
+def test_noise_fake_quant_reproducible_and_seeded():
+    x = torch.randn(33, 9)
+    s = torch.tensor(0.1)
+    a = ops.noise_fake_quant(x, s, bits=4, seed=1)
+    assert torch.equal(a, ops.noise_fake_quant(x, s, bits=4, seed=1))
+    assert not torch.equal(a, ops.noise_fake_quant(x, s, bits=4, seed=2))
+
+
+@pytest.mark.parametrize("mode", ["uniform", "histogram"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_noise_fake_quant_gradcheck_float64(mode, axis):
+    # Away from the clamp boundaries the op is smooth in x and s for a fixed noise draw.
+    x = (torch.rand(5, 4, dtype=torch.float64) - 0.5) * 0.8
+    scale = torch.full((4,) if axis == 1 else (), 0.2, dtype=torch.float64) + (
+        torch.rand(4, dtype=torch.float64) * 0.05 if axis == 1 else 0.0)
+    x.requires_grad_()
+    scale = scale.clone().requires_grad_()
+    fn = lambda x_, s_: ops.noise_fake_quant(x_, s_, bits=4, axis=axis, seed=9, mode=mode)
+    if mode == "histogram":  # the histogram depends on x and s (piecewise constant): check x only
+        fn = lambda x_: ops.noise_fake_quant(x_, scale.detach(), bits=4, axis=axis, seed=9, mode=mode)
+        assert torch.autograd.gradcheck(fn, (x,))
+    else:
+        assert torch.autograd.gradcheck(fn, (x, scale))
+    # outside the range: d/dx = 0, d/ds = qmin/qmax
+    xo = torch.tensor([5.0, -5.0], dtype=torch.float64, requires_grad=True)
+    so = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.noise_fake_quant(a, b, bits=4, seed=1), (xo, so))
+
+
+def test_histogram_counts_hand_computed():
+    s = torch.tensor(1.0)
+    # errors round(v) - v: 0.1 -> -0.1, 0.3 -> -0.3, 2.4 -> -0.4, 9.0 out of range (4-bit signed: [-8, 7])
+    x = torch.tensor([0.1, 0.3, 2.4, 9.0, -0.25])
+    counts = ref.rounding_error_histogram(x, s, 4, True, None)
+    assert counts.shape == (1, 256) and int(counts.sum()) == 4
+    for e in (-0.1, -0.3, -0.4, 0.25):
+        b = min(max(math.floor((e + 0.5) * 256), 0), 255)
+        assert counts[0, b] >= 1
+
+
+def test_histogram_mode_follows_histogram():
+    """Noise drawn in histogram mode follows the rounding-error histogram of the tensor (chi-square)."""
+    # A tensor whose rounding errors are concentrated: values near (integer + 0.3) * s -> errors ~ -0.3.
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-5, 5, (1 << 16,), generator=g).float()
+    x = (base + 0.3 + 0.05 * torch.rand(1 << 16, generator=g)) * 0.1
+    s = torch.tensor(0.1)
+    u = ref.histogram_noise(x, s, 4, True, None, seed=3)
+    assert u.min() >= -0.5 and u.max() < 0.5
+    counts = ref.rounding_error_histogram(x, s, 4, True, None)[0].double()
+    p = counts / counts.sum()
+    drawn = torch.clamp(torch.floor((u.double() + 0.5) * 256), 0, 255).long()
+    obs = torch.bincount(drawn, minlength=256).double()
+    mask = p > 0
+    assert obs[~mask].sum() == 0  # never outside the histogram's support
+    expect = p[mask] * u.numel()
+    chi2 = ((obs[mask] - expect) ** 2 / expect).sum()
+    dof = int(mask.sum()) - 1
+    assert chi2 < dof + 6 * math.sqrt(2 * dof)
+    # and it is really different from uniform
+    assert (u + 0.3).abs().mean() < 0.05
+
+
+def test_histogram_flat_is_close_to_uniform_and_per_channel():
+    x = torch.randn(8, 4096) * 3
+    s = torch.rand(8) * 0.2 + 0.05
+    u = ref.histogram_noise(x, s, 8, True, 0, seed=1)
+    assert u.shape == x.shape
+    assert abs(u.mean()) < 0.01 and abs(u.var() - 1 / 12) < 0.01
+    # a channel with no in-range element falls back to the uniform draw
+    x2 = x.clone()
+    x2[2] = 1e6
+    u2 = ref.histogram_noise(x2, s, 8, True, 0, seed=1)
+    assert torch.equal(u2[2], ops.uniform_noise(x.shape, 1)[2])
+
+
+def test_histogram_mode_backward_regenerates_noise():
+    x = torch.randn(50, 6, requires_grad=True)
+    s = (torch.rand(6) * 0.2 + 0.1).requires_grad_()
+    y = ops.noise_fake_quant(x, s, bits=3, axis=1, seed=77, mode="histogram")
+    u = ref.histogram_noise(x.detach(), s.detach(), 3, True, 1, 77)
+    y.backward(torch.ones_like(y))
+    qmin, qmax = ref.qrange(3, True)
+    lo, hi = s.detach() * qmin, s.detach() * qmax
+    inside = (x.detach() >= lo) & (x.detach() <= hi)
+    expect_ds = torch.where(inside, u, torch.where(x.detach() < lo, float(qmin), float(qmax))).sum(0)
+    torch.testing.assert_close(s.grad, expect_ds, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- qdrop
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_qdrop_fake_quant(noise):
+    x = torch.randn(64, 32, requires_grad=True)
+    s = torch.tensor(0.05, requires_grad=True)
+    y = ops.qdrop_fake_quant(x, s, bits=4, seed=5, p=0.5, noise=noise)
+    keep = ref.drop_mask(x.shape, 5, 0.5, "cpu")
+    q = (ops.noise_fake_quant(x.detach(), s.detach(), bits=4, seed=5) if noise
+         else ops.fake_quant(x.detach(), s.detach(), bits=4))
+    assert torch.equal(y, torch.where(keep, x.detach(), q))
+    assert 0.45 < keep.float().mean() < 0.55
+    y.sum().backward()
+    dx_q = torch.zeros_like(x)
+    xd, sd = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    qq = (ops.noise_fake_quant(xd, sd, bits=4, seed=5) if noise else ops.fake_quant(xd, sd, bits=4))
+    (qq * (~keep)).sum().backward()
+    dx_q = xd.grad
+    assert torch.equal(x.grad, torch.where(keep, torch.ones_like(dx_q), dx_q))
+    torch.testing.assert_close(s.grad, sd.grad)
+
+
+def test_qdrop_extremes():
+    x = torch.randn(100)
+    s = torch.tensor(0.1)
+    assert torch.equal(ops.qdrop_fake_quant(x, s, bits=4, seed=1, p=1.0), x)
+    assert torch.equal(ops.qdrop_fake_quant(x, s, bits=4, seed=1, p=0.0), ops.fake_quant(x, s, bits=4))
+
+
+# ---------------------------------------------------------------------------------------------- deploy ops
+
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_per_token(bits, dtype):
+    x = (torch.randn(17, 33) * torch.rand(17, 1) * 4).to(dtype)
+    x[3] = 0  # a zero row
+    q, scale = ops.quantize_per_token(x, bits=bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (17,)
+    assert int(q.abs().max()) <= qmax
+    assert torch.equal(q.abs().amax(1)[scale > 0], torch.full((16,), qmax, dtype=torch.int8))
+    assert scale[3] == 0 and (q[3] == 0).all()
+    err = (q.float() * scale[:, None] - x.float()).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 4), (3, 8), (5, 2, 12), (17, 64)])
+def test_pack_int6_roundtrip(shape):
+    q = torch.randint(-32, 32, shape, dtype=torch.int8)
+    p = ops.pack_int6(q)
+    assert p.dtype == torch.uint8 and p.shape == (*shape[:-1], shape[-1] * 3 // 4)
+    assert torch.equal(ops.unpack_int6(p, shape), q)
+
+
+def test_pack_int6_bit_layout():
+    q = torch.tensor([[1, -1, 31, -32]], dtype=torch.int8)
+    word = 1 | (63 << 6) | (31 << 12) | (32 << 18)
+    assert ops.pack_int6(q).tolist() == [[word & 255, (word >> 8) & 255, word >> 16]]
+
+
+def test_int_matmul_exact_and_epilogue():
+    m, n, k = 5, 7, 300
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    acc = ref.int_matmul_acc(a, w)
+    exact = (a.long().unsqueeze(1) * w.long().unsqueeze(0)).sum(-1)
+    assert torch.equal(acc.long(), exact)
+    a_s, w_s, bias = torch.rand(m) + 0.1, torch.rand(n) + 0.1, torch.randn(n)
+    out = ops.int_matmul(a, a_s, ops.pack_weight(w, 8), w_s, w_bits=8, bias=bias, out_dtype=torch.float32)
+    assert torch.equal(out, exact.float() * a_s[:, None] * w_s[None, :] + bias)
+    # 6-bit weights through the packed layout give the same result as the int8 layout
+    w6 = torch.randint(-32, 32, (n, 8), dtype=torch.int8)
+    a6 = torch.randint(0, 64, (m, 8), dtype=torch.int8)  # unsigned 6-bit activations
+    o6 = ops.int_matmul(a6, a_s[:1], ops.pack_weight(w6, 6), w_s, w_bits=6, out_dtype=torch.bfloat16)
+    o8 = ops.int_matmul(a6, a_s[:1], ops.pack_weight(w6, 8), w_s, w_bits=8, out_dtype=torch.bfloat16)
+    assert o6.dtype == torch.bfloat16 and torch.equal(o6, o8)
+
+
+def test_int_matmul_large_k_exact():
+    a = torch.full((1, 70000), -128, dtype=torch.int8)
+    w = torch.full((2, 70000), -128, dtype=torch.int8)
+    assert ref.int_matmul_acc(a, w).tolist() == [[128 * 128 * 70000] * 2]
+
+
+# ---------------------------------------------------------------------------------------------- opcheck
+
+def _opcheck_cases():
+    x = torch.randn(6, 5)
+    s = torch.rand(5) + 0.1
+    g = torch.randn(6, 5)
+    a = torch.randint(-128, 128, (3, 8), dtype=torch.int8)
+    w = torch.randint(-32, 32, (4, 8), dtype=torch.int8)
+    return [
+        (torch.ops.hdrq.fake_quant.default, (x.clone().requires_grad_(), s.clone().requires_grad_(), 4, True, 1)),
+        (torch.ops.hdrq.fake_quant_backward.default, (g, x, s, 4, True, 1)),
+        (torch.ops.hdrq.noise_fake_quant.default,
+         (x.clone().requires_grad_(), s.clone().requires_grad_(), 4, False, 1, 3, "uniform")),
+        (torch.ops.hdrq.noise_fake_quant.default, (x, s[0].clone(), 4, True, None, 3, "histogram")),
+        (torch.ops.hdrq.noise_fake_quant_backward.default, (g, x, s, 4, True, 1, 3, "histogram")),
+        (torch.ops.hdrq.qdrop_fake_quant.default,
+         (x.clone().requires_grad_(), s[0].clone().requires_grad_(), 4, True, None, 3, 0.5, True, "uniform")),
+        (torch.ops.hdrq.qdrop_fake_quant_backward.default, (g, x, s, 4, True, 1, 3, 0.5, False, "uniform")),
+        (torch.ops.hdrq.uniform_noise.default, ([3, 4], 5, torch.device("cpu"))),
+        (torch.ops.hdrq.quantize_per_token.default, (x, 8)),
+        (torch.ops.hdrq.pack_int6.default, (w,)),
+        (torch.ops.hdrq.unpack_int6.default, (ref.pack_int6(w), [4, 8])),
+        (torch.ops.hdrq.int_matmul.default, (a, torch.rand(3), w, torch.rand(4), 8, torch.randn(4), torch.float32)),
+        (torch.ops.hdrq.int_matmul.default, (a, torch.rand(1), ref.pack_int6(w), torch.rand(4), 6, None,
+                                             torch.bfloat16)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    opcheck(op, args)
+
+
+def test_torch_compile_traces_ops():
+    x = torch.randn(8, 4, requires_grad=True)
+    s = (torch.rand(4) + 0.1).requires_grad_()
+
+    def f(x, s):
+        return ops.noise_fake_quant(x, s, bits=4, axis=1, seed=3).sum() + ops.fake_quant(x, s, bits=4, axis=1).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, s), f(x, s))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: ops.fake_quant(torch.ones(3, dtype=torch.int32), torch.tensor(1.0), bits=4), TypeError, "int32"),
+    (lambda: ops.fake_quant(torch.ones(3), torch.tensor(0.0), bits=4), ValueError, "> 0"),
+    (lambda: ops.fake_quant(torch.ones(3), torch.tensor(-1.0), bits=4), ValueError, "> 0"),
+    (lambda: ops.fake_quant(torch.ones(3), torch.tensor(float("nan")), bits=4), ValueError, "finite"),
+    (lambda: ops.fake_quant(torch.ones(3, 4), torch.ones(3), bits=4, axis=1), ValueError, "length 4"),
+    (lambda: ops.fake_quant(torch.ones(3, 4), torch.ones(4), bits=4), ValueError, "one scale"),
+    (lambda: ops.fake_quant(torch.ones(3, 4), torch.ones(4), bits=4, axis=2), ValueError, "out of range"),
+    (lambda: ops.fake_quant(torch.ones(3), torch.tensor(1.0), bits=9), ValueError, "2 to 8"),
+    (lambda: ops.fake_quant(torch.ones(3), torch.tensor(1.0), bits=1), ValueError, "2 to 8"),
+    (lambda: ops.noise_fake_quant(torch.ones(3), torch.tensor(1.0), bits=4, seed=1, mode="gauss"), ValueError,
+     "mode"),
+    (lambda: ops.noise_fake_quant(torch.ones(3), torch.tensor(1.0), bits=4, seed=1.5), TypeError, "seed"),
+    (lambda: ops.qdrop_fake_quant(torch.ones(3), torch.tensor(1.0), bits=4, seed=1, p=1.5), ValueError, "p must"),
+    (lambda: ops.quantize_per_token(torch.ones(3, 4, 5), bits=8), ValueError, r"\(3, 4, 5\)"),
+    (lambda: ops.quantize_per_token(torch.ones(3, 4, dtype=torch.int8), bits=8), TypeError, "int8"),
+    (lambda: ops.pack_int6(torch.full((2, 4), 40, dtype=torch.int8)), ValueError, r"\[-32, 31\]"),
+    (lambda: ops.pack_int6(torch.zeros(2, 6, dtype=torch.int8)), ValueError, "multiple of 4"),
+    (lambda: ops.pack_int6(torch.zeros(2, 4)), TypeError, "int8"),
+    (lambda: ops.unpack_int6(torch.zeros(2, 4, dtype=torch.uint8), [2, 8]), ValueError, r"\(2, 6\)"),
+    (lambda: ops.int_matmul(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(3, 7, dtype=torch.int8),
+                            torch.ones(3), w_bits=8), ValueError, r"\[3, 8\]"),
+    (lambda: ops.int_matmul(torch.zeros(2, 8), torch.ones(2), torch.zeros(3, 8, dtype=torch.int8),
+                            torch.ones(3), w_bits=8), TypeError, "int8"),
+    (lambda: ops.int_matmul(torch.zeros(2, 8, dtype=torch.int8), torch.ones(5), torch.zeros(3, 8, dtype=torch.int8),
+                            torch.ones(3), w_bits=8), TypeError, r"\[M\] = \[2\]"),
+    (lambda: ops.int_matmul(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(3, 8, dtype=torch.int8),
+                            torch.ones(3), w_bits=4), ValueError, "w_bits"),
+    (lambda: ops.int_matmul(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(3, 8, dtype=torch.int8),
+                            torch.ones(3), w_bits=8, bias=torch.ones(2)), TypeError, "bias"),
+])
+def test_bad_input(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
