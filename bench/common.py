@@ -1,0 +1,70 @@
+"""Shared helpers of the GPU benchmarks: timing, device description, JSON rows for bench/report.py.
+
+Every benchmark script in bench/ is runnable as ``python bench/bench_<area>.py --out FILE.json`` on a GPU
+machine. It times our kernel and the alternatives in the same run with :func:`time_ms` (median of
+``triton.testing.do_bench``, warm-up excluded) and writes ``{"device": ..., "sections": [...]}`` where each
+section is ``{"title": str, "notes": str, "columns": [...], "rows": [[...], ...]}``. ``bench/report.py``
+turns those files into bench/RESULTS.md. Nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from typing import Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median wall time of ``fn()`` on the current CUDA stream, in milliseconds."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written) measured now, in GB/s: the memory ceiling."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def device_info() -> dict:
+    import triton
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1))
+    return info
+
+
+def section(title: str, columns: list[str], rows: list[list], notes: str = "") -> dict:
+    return {"title": title, "notes": notes, "columns": columns, "rows": rows}
+
+
+def cli(description: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    return ap.parse_args()
+
+
+def write(path: str, sections: list[dict], extra: dict | None = None) -> None:
+    doc = {"device": device_info(), "sections": sections, **(extra or {})}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    for s in sections:
+        print(f"\n## {s['title']}")
+        print(" | ".join(s["columns"]))
+        for r in s["rows"]:
+            print(" | ".join(str(v) for v in r))
