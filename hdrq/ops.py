@@ -502,16 +502,26 @@ WEIGHT_BITS = (6, 8)
 def pack_weight(q: Tensor, bits: int) -> Tensor:
     """The weight layout :func:`int_matmul` takes, from canonical int8 weights ``q [N, K]`` (K-major).
 
-    bits=8: int8 ``[N, K]``; bits=6: ``pack_int6(q)``, uint8 ``[N, 3K/4]`` (K a multiple of 4). The
-    layout is the same on every device, so a packed weight can move between CPU and GPU."""
+    Same dtype and shape as the canonical format (8 bits: int8 ``[N, K]``; 6 bits: uint8 ``[N, 3K/4]``,
+    K a multiple of 4, values in [-32, 31]), with the bytes permuted into the order the CUDA GEMM reads
+    (``mma.m16n8k32`` fragment order, 6-bit values split into planes the kernel expands with masks and
+    shifts; see ``hdrq.reference.pack_weight`` for the exact layout). Matrices with N < 16 or K < 32 keep
+    the canonical order. A pure permutation computed with tensor ops, identical on every device, so a
+    packed weight moves between CPU and GPU. ``pack_int6`` stays the save format:
+    ``pack_int6(unpack_weight(w, 6, n, k))``. An offline op: for 6 bits it checks the value range, which
+    syncs with the device."""
     if bits not in WEIGHT_BITS:
         raise ValueError(f"pack_weight: bits must be one of {WEIGHT_BITS}, got {bits!r}")
     if not isinstance(q, Tensor) or q.dtype != torch.int8 or q.dim() != 2:
         raise TypeError(f"pack_weight: q must be a 2-D int8 tensor [N, K], got "
                         f"{getattr(q, 'dtype', type(q).__name__)} of shape {tuple(getattr(q, 'shape', ()))}")
     if bits == 6:
-        return pack_int6(q)
-    return q.contiguous()
+        if q.shape[1] % 4 != 0:
+            raise ValueError(f"pack_weight: 6-bit weights need K a multiple of 4 (pad K with zeros), "
+                             f"got shape {tuple(q.shape)}")
+        if q.numel() > 0 and not torch.compiler.is_compiling():
+            _check_int6_values(q)
+    return ref.pack_weight(q, bits)
 
 
 def unpack_weight(w: Tensor, bits: int, n: int, k: int) -> Tensor:
@@ -566,3 +576,38 @@ def int_matmul(a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, *, w_bi
     if len(devices) != 1:
         raise ValueError(f"int_matmul: all inputs must be on one device, got {sorted(map(str, devices))}")
     return torch.ops.hdrq.int_matmul(a_q, a_scale, w, w_scale, w_bits, bias, out_dtype)
+
+
+# ==================================================================================================
+# int_matmul_int32: the int32 accumulator of int_matmul (a debug op: tests compare kernels to it exactly)
+# ==================================================================================================
+
+__all__.append("int_matmul_int32")
+_AUTO_ORDER["int_matmul_int32"] = ("cuda", "triton")
+
+
+@torch.library.custom_op("hdrq::int_matmul_int32", mutates_args=())
+def _int_matmul_int32(a_q: Tensor, w: Tensor, w_bits: int) -> Tensor:
+    return _run("int_matmul_int32", a_q.device, a_q, w, w_bits)
+
+
+@_int_matmul_int32.register_fake
+def _(a_q, w, w_bits):
+    return torch.empty((a_q.shape[0], w.shape[0]), dtype=torch.int32, device=a_q.device)
+
+
+def int_matmul_int32(a_q: Tensor, w: Tensor, *, w_bits: int) -> Tensor:
+    """The exact int32 accumulator ``a_q @ w_q^T`` that :func:`int_matmul` scales, from the same inputs
+    (``w = pack_weight(w_q, w_bits)``; N is ``w.shape[0]``), through the same kernels. For tests and
+    debugging: the GEMM kernels must reproduce it bit for bit."""
+    if not isinstance(a_q, Tensor) or not isinstance(w, Tensor):
+        raise TypeError("int_matmul_int32: a_q and w must be tensors")
+    if a_q.dtype != torch.int8 or a_q.dim() != 2:
+        raise TypeError(f"int_matmul_int32: a_q must be a 2-D int8 tensor [M, K], got {a_q.dtype} of shape "
+                        f"{tuple(a_q.shape)}")
+    if w.dim() != 2:
+        raise ValueError(f"int_matmul_int32: w must be pack_weight(w_q, w_bits), 2-D, got shape {tuple(w.shape)}")
+    _check_weight(w, w_bits, w.shape[0], a_q.shape[1], "int_matmul_int32")
+    if a_q.device != w.device:
+        raise ValueError(f"int_matmul_int32: a_q is on {a_q.device} but w is on {w.device}")
+    return torch.ops.hdrq.int_matmul_int32(a_q, w, w_bits)

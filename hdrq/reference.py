@@ -347,15 +347,114 @@ def unpack_int6(packed: Tensor, shape) -> Tensor:
     return v.reshape(shape).to(torch.int8)
 
 
+# The kernel weight layout (pack_weight). Shared constants: csrc/gemm_layout.cuh mirrors them.
+GEMM_PANEL_ROWS = 16   # output channels per panel: two n8 blocks of mma.m16n8k32
+GEMM_UNIT_K = 32       # reduction length of one unit: the k of mma.m16n8k32
+GEMM_PLANE_BYTES = 128  # one 8 x 16-byte core matrix; lane l of a warp owns bytes [4l, 4l + 4)
+
+
+def gemm_layout_geometry(bits: int, n: int, k: int) -> dict:
+    """Where the three regions of the :func:`pack_weight` layout lie, in bytes (see its docstring)."""
+    npf, kuf = n // GEMM_PANEL_ROWS, k // GEMM_UNIT_K
+    unit_bytes = 4 * GEMM_PLANE_BYTES if bits == 8 else 3 * GEMM_PLANE_BYTES
+    k_tail = k - GEMM_UNIT_K * kuf
+
+    def row_bytes(kk: int) -> int:
+        return kk if bits == 8 else 3 * kk // 4
+
+    units_end = npf * kuf * unit_bytes
+    return {"full_panels": npf, "full_units": kuf, "unit_bytes": unit_bytes, "k_tail": k_tail,
+            "tail_start": units_end, "rest_start": units_end + GEMM_PANEL_ROWS * npf * row_bytes(k_tail),
+            "total": n * row_bytes(k)}
+
+
+def _canonical_bytes(q: Tensor, bits: int) -> Tensor:
+    """Row-major bytes of ``q``: raw int8 for 8 bits, :func:`pack_int6` for 6 bits; flattened uint8."""
+    if bits == 8:
+        return q.contiguous().view(torch.uint8).reshape(-1)
+    return pack_int6(q).reshape(-1)
+
+
+def _from_canonical_bytes(b: Tensor, bits: int, rows: int, cols: int) -> Tensor:
+    if bits == 8:
+        return b.view(torch.int8).reshape(rows, cols)
+    return unpack_int6(b.reshape(rows, 3 * cols // 4), (rows, cols))
+
+
 def pack_weight(q: Tensor, bits: int) -> Tensor:
-    """The layout ``int_matmul`` takes for weights ``q [N, K]``: int8 ``[N, K]`` for 8 bits, the canonical
-    6-bit packing (:func:`pack_int6`, uint8 ``[N, 3K/4]``) for 6 bits."""
-    return q.contiguous() if bits == 8 else pack_int6(q)
+    """The weight layout of ``int_matmul`` (the CUDA GEMM's operand B), from int8 weights ``q [N, K]``.
+
+    The result has the dtype and shape of the canonical format (int8 ``[N, K]`` for 8 bits, uint8
+    ``[N, 3K/4]`` for 6 bits) but its bytes are permuted, so that every warp of the GEMM reads its
+    ``mma.m16n8k32`` B fragments with conflict-free 16-byte loads. It is a pure byte permutation computed
+    with ordinary tensor ops, identical on every device (a packed weight moves between CPU and GPU).
+    ``pack_int6`` stays the save format; :func:`unpack_weight` inverts this.
+
+    Three regions, in this order (``NPf = N // 16`` full panels, ``KUf = K // 32`` full units):
+
+    1. *Units*: for ``u`` in ``range(KUf)``, for panel ``p`` in ``range(NPf)``: the unit of rows
+       ``16p .. 16p+15`` and columns ``32u .. 32u+31``. A unit is made of four 128-byte *planes*
+       (8 x 16-byte core matrices, row-major): plane ``c = 2h + j`` holds rows ``16p + 8h + g`` (g < 8) and
+       columns ``32u + 16j + 4t + b`` (t, b < 4) at byte ``16g + 4t + b``. So lane ``l = 4g + t`` of a warp
+       finds its ``mma.m16n8k32`` B fragment of n8 block h (``b0`` = plane 2h, ``b1`` = plane 2h+1) at
+       byte ``4l`` of the planes: one ``ldmatrix.x4`` per unit. 8 bits: the four planes, 512 bytes.
+       6 bits: three planes, 384 bytes, with ``x_c`` the 6-bit two's-complement code of plane c's value:
+       ``P_q = (x_q << 2) | ((x_3 >> (4 - 2q)) & 3)`` per byte (q < 3). The kernel rebuilds
+       ``4 * value`` per byte with masks and shifts only (``P_q & 0xFC`` and the low two bits of the three
+       planes), multiplies with that, and shifts the int32 accumulator right by 2 (exact).
+    2. *K tail* of the full panels: rows ``0 .. 16*NPf - 1``, columns ``32*KUf .. K-1``, row-major
+       canonical bytes (raw int8, or ``pack_int6`` of those columns).
+    3. *N tail*: rows ``16*NPf .. N-1``, all columns, row-major canonical bytes.
+
+    Matrices with N < 16 or K < 32 are therefore stored exactly as in the canonical format.
+    """
+    n, k = q.shape
+    geo = gemm_layout_geometry(bits, n, k)
+    npf, kuf = geo["full_panels"], geo["full_units"]
+    rows_f, cols_f = GEMM_PANEL_ROWS * npf, GEMM_UNIT_K * kuf
+    parts = []
+    if npf and kuf:
+        # [p, h, g, u, j, t, b] -> [u, p, h, j, g, t, b]: unit (u, p), plane (h, j), byte (g, t, b)
+        t = q[:rows_f, :cols_f].reshape(npf, 2, 8, kuf, 2, 4, 4).permute(3, 0, 1, 4, 2, 5, 6)
+        planes = t.reshape(kuf, npf, 4, GEMM_PLANE_BYTES)
+        if bits == 8:
+            parts.append(planes.contiguous().view(torch.uint8).reshape(-1))
+        else:
+            x = planes.to(torch.int32) & 0x3F
+            shift = torch.tensor([4, 2, 0], dtype=torch.int32, device=q.device).reshape(3, 1)
+            p = (x[:, :, :3] << 2) | ((x[:, :, 3:] >> shift) & 0x3)
+            parts.append(p.to(torch.uint8).reshape(-1))
+    parts.append(_canonical_bytes(q[:rows_f, cols_f:], bits))
+    parts.append(_canonical_bytes(q[rows_f:, :], bits))
+    flat = torch.cat(parts)
+    if bits == 8:
+        return flat.view(torch.int8).reshape(n, k)
+    return flat.reshape(n, 3 * k // 4)
 
 
 def unpack_weight(w: Tensor, bits: int, n: int, k: int) -> Tensor:
     """Inverse of :func:`pack_weight`: int8 ``[N, K]``."""
-    return w if bits == 8 else unpack_int6(w, (n, k))
+    geo = gemm_layout_geometry(bits, n, k)
+    npf, kuf = geo["full_panels"], geo["full_units"]
+    rows_f, cols_f = GEMM_PANEL_ROWS * npf, GEMM_UNIT_K * kuf
+    flat = w.reshape(-1).view(torch.uint8)
+    q = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    if npf and kuf:
+        units = flat[: geo["tail_start"]].reshape(kuf, npf, -1, GEMM_PLANE_BYTES)
+        if bits == 8:
+            planes = units.view(torch.int8)
+        else:
+            p = units.to(torch.int32)
+            x3 = (((p[:, :, 0] & 3) << 4) | ((p[:, :, 1] & 3) << 2) | (p[:, :, 2] & 3)).unsqueeze(2)
+            x = torch.cat([p >> 2, x3], dim=2)  # 6-bit codes of the four planes
+            planes = torch.where(x >= 32, x - 64, x).to(torch.int8)
+        # [u, p, h, j, g, t, b] -> [p, h, g, u, j, t, b]
+        q[:rows_f, :cols_f] = planes.reshape(kuf, npf, 2, 2, 8, 4, 4).permute(1, 2, 4, 0, 3, 5, 6).reshape(
+            rows_f, cols_f)
+    q[:rows_f, cols_f:] = _from_canonical_bytes(flat[geo["tail_start"]: geo["rest_start"]], bits, rows_f,
+                                                k - cols_f)
+    q[rows_f:, :] = _from_canonical_bytes(flat[geo["rest_start"]:], bits, n - rows_f, k)
+    return q
 
 
 def int_matmul_acc(a_q: Tensor, w_q: Tensor) -> Tensor:
@@ -375,3 +474,8 @@ def int_matmul(a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, w_bits:
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
+
+
+def int_matmul_int32(a_q: Tensor, w: Tensor, w_bits: int) -> Tensor:
+    """The int32 accumulator of ``int_matmul``: ``a_q @ unpack_weight(w)^T`` exactly (N = w.shape[0])."""
+    return int_matmul_acc(a_q, unpack_weight(w, w_bits, w.shape[0], a_q.shape[1]))

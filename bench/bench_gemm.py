@@ -1,0 +1,170 @@
+"""GEMM benchmark: hdrq's W8A8 / W6A6 kernels against what a user would run instead, in one run, one GPU.
+
+For y = x W^T with W of N x K in {4096 x 4096, 14336 x 4096, 4096 x 14336} and M in {1, 16, 64, 256, 2048,
+8192}, times
+
+* bf16      cuBLAS through ``F.linear`` (bf16 x bf16 -> bf16): the baseline of every speed-up;
+* fp8       row-wise FP8 ``torch._scaled_mm`` (e4m3, per-row x per-column fp32 scales, bf16 out);
+* int8 mm   ``torch._int_mm`` (int8 -> int32, no scales; needs M > 16);
+* W8A8 / W6A6  ``hdrq.ops.int_matmul`` (per-token x per-channel scales and a bf16 bias fused, bf16 out), on
+  the path ``auto`` picks, and at M > 64 also on each kernel path separately (``HDRQ_GEMM_PATH``).
+
+Timing: every implementation is captured in a CUDA graph of several calls (host overhead excluded, as in
+a served model), each call on the next of several weight copies that together exceed the L2 cache (so
+decode-sized calls stream their weights from HBM, as they would in a model), and the graph's replay is
+timed with ``triton.testing.do_bench`` (median); the time per call is reported. Columns: microseconds per
+call, TOPS (2*M*N*K / t), GB/s of weight bytes (N*K*bytes per weight / t) and the speed-up over bf16.
+
+    python bench/bench_gemm.py --out gemm.json [--quick]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cli, copy_bandwidth_gbs, section, time_ms, write  # noqa: E402
+
+from hdrq import ops  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+MS = [1, 16, 64, 256, 2048, 8192]
+L2_ROTATE_BYTES = 150 * 2**20  # weight copies cycled per graph: three times an H100's 50 MB L2
+
+
+def graph_time_us(make_call, copies: int, reps: int) -> float:
+    """Median microseconds per call of ``make_call(i)`` (call i uses weight copy i % copies), captured as a
+    CUDA graph of ``reps`` calls."""
+    calls = [make_call(i % copies) for i in range(reps)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture (workspaces, cuBLAS handles, autotuning)
+        for c in calls[: min(reps, copies)]:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    ms = time_ms(g.replay, warmup_ms=10, rep_ms=60)
+    return ms * 1e3 / reps
+
+
+class Case:
+    """Inputs of one (M, N, K) for every implementation; weights in `copies` copies."""
+
+    def __init__(self, m, n, k, copies):
+        dev = "cuda"
+        self.m, self.n, self.k = m, n, k
+        self.x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        self.bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+        self.copies = copies
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
+        self.w_bf16 = [w.clone() for _ in range(copies)]
+        # FP8 row-wise: per-row activation scales, per-output-channel weight scales
+        w_s = w.float().abs().amax(1, keepdim=True) / 448.0
+        self.w_fp8 = [(w.float() / w_s).to(torch.float8_e4m3fn) for _ in range(copies)]
+        self.w_fp8_scale = w_s.reshape(1, n).contiguous()
+        x_s = self.x.float().abs().amax(1, keepdim=True) / 448.0
+        self.x_fp8 = (self.x.float() / x_s).to(torch.float8_e4m3fn)
+        self.x_fp8_scale = x_s.contiguous()
+        # integer: per-token activations, per-channel weights
+        self.packed = {}
+        self.w_scale = {}
+        for bits in (8, 6):
+            qmax = 2 ** (bits - 1) - 1
+            s = w.float().abs().amax(1) / qmax
+            q = torch.clamp(torch.round(w.float() / s[:, None]), -qmax - 1, qmax).to(torch.int8)
+            self.packed[bits] = [ops.pack_weight(q, bits) for _ in range(copies)]
+            self.w_scale[bits] = s.contiguous()
+        self.a_q = {bits: ops.quantize_per_token(self.x, bits=bits) for bits in (8, 6)}
+        self.w_int8_t = [p.t() for p in self.packed[8]] if m > 16 else None  # _int_mm: K x N column-major
+
+
+def impls(c: Case):
+    """name -> make_call(copy index) for every implementation that runs at this M."""
+    out = {
+        "bf16 F.linear": lambda i: (lambda: F.linear(c.x, c.w_bf16[i], c.bias)),
+        "fp8 _scaled_mm": lambda i: (lambda: torch._scaled_mm(c.x_fp8, c.w_fp8[i].t(), c.x_fp8_scale,
+                                                               c.w_fp8_scale, out_dtype=torch.bfloat16)),
+    }
+    if c.m > 16:
+        # layout-agnostic bytes of an int8 N x K tensor: the packed int8 weight is a permutation of the same
+        # number of bytes, so the timing of this baseline is unaffected
+        out["int8 _int_mm"] = lambda i: (lambda: torch._int_mm(c.a_q[8][0], c.w_int8_t[i]))
+    for bits, name in ((8, "W8A8 hdrq"), (6, "W6A6 hdrq")):
+        a_q, a_s = c.a_q[bits]
+        out[name] = lambda i, bits=bits, a_q=a_q, a_s=a_s: (
+            lambda: ops.int_matmul(a_q, a_s, c.packed[bits][i], c.w_scale[bits], w_bits=bits, bias=c.bias))
+    return out
+
+
+def plan_label(m, n, k, bits, path):
+    """The hdrq kernel a call takes: path, output tile, K splits (raises Unsupported for a path that cannot run)."""
+    import hdrq._cuda as hc
+
+    p = hc.plan(m, n, k, bits, torch.device("cuda"), path)
+    return f"{p.path} {p.bm}x{p.bn} s{p.splits}"
+
+
+def timed_with_path(make, copies, reps, path):
+    os.environ["HDRQ_GEMM_PATH"] = path  # read on every call, so also while the graph is captured
+    try:
+        return graph_time_us(make, copies, reps)
+    finally:
+        os.environ.pop("HDRQ_GEMM_PATH", None)
+
+
+def main():
+    args = cli(__doc__.splitlines()[0])
+    ms = [1, 16, 256, 2048] if args.quick else MS
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    rows = []
+    bw = copy_bandwidth_gbs()
+    for n, k in shapes:
+        for m in ms:
+            wbytes = n * k * 2
+            # copies of every weight format so that even the smallest (int6) cycles through >= 150 MB
+            copies = max(1, min(16, math.ceil(L2_ROTATE_BYTES / (0.75 * n * k)))) if m <= 256 else 1
+            c = Case(m, n, k, copies)
+            flops = 2 * m * n * k
+            # calls per graph: enough work to time (~2 ms of bf16 at ~700 TFLOP/s or ~1400 GB/s)
+            est_us = max(flops / 7e8, wbytes / 1.4e3)
+            reps = int(min(50, max(2, 2000 / est_us)))
+            times, plans = {}, {}
+            for name, make in impls(c).items():
+                if not name.endswith("hdrq"):
+                    times[name] = graph_time_us(make, copies, reps)
+                    continue
+                bits = 8 if name.startswith("W8") else 6
+                for path in ("auto", "mma", "wgmma") if m > 64 else ("auto",):
+                    try:
+                        label = plan_label(m, n, k, bits, path)
+                    except ops.Unsupported:
+                        continue
+                    key = name if path == "auto" else f"{name} [{path}]"
+                    times[key], plans[key] = timed_with_path(make, copies, reps, path), label
+            base = times["bf16 F.linear"]
+            for name, us in times.items():
+                bytes_per_w = 2.0 if name.startswith("bf16") else (0.75 if name.startswith("W6") else 1.0)
+                rows.append([m, f"{n}x{k}", name, plans.get(name, ""), round(us, 1), round(flops / us / 1e6, 1),
+                             round(n * k * bytes_per_w / us / 1e3), round(base / us, 2)])
+            del c
+            torch.cuda.empty_cache()
+            print(f"M={m} {n}x{k}: " + ", ".join(f"{k_}={v:.1f}us" for k_, v in times.items()), flush=True)
+    notes = (f"Device-to-device copy bandwidth measured in this run: {bw:.0f} GB/s. Per-call times from CUDA "
+             f"graphs of several calls; weights rotated over copies totalling >= 150 MB for M <= 256 (HBM-bound "
+             f"decode, as in a model). TOPS = 2*M*N*K/t; GB/s counts weight bytes only (bf16 2 B, fp8/int8 1 B, "
+             f"int6 0.75 B per weight). 'plan' is the hdrq kernel path, output tile and K splits.")
+    write(args.out, [section("GEMM y = x W^T: hdrq W8A8 / W6A6 vs cuBLAS bf16, FP8 row-wise, int8 _int_mm",
+                             ["M", "N x K", "impl", "plan", "us", "TOPS", "weight GB/s", "x bf16"], rows, notes)],
+          {"copy_gbs": bw})
+
+
+if __name__ == "__main__":
+    main()

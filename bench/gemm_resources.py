@@ -1,0 +1,173 @@
+"""Regenerate bench/gemm_resources.md: the compile-time resource report of the GEMM kernels (csrc/gemm_*.cu).
+
+For every kernel instantiation and architecture (sm_80, sm_90a): registers, spills, stack, shared memory
+(static from ptxas, dynamic from the kernels' own TileShape), and SASS instruction counts from cuobjdump
+(IMMA / HGMMA tensor-core instructions, LDSM = ldmatrix, LDGSTS = cp.async, UTMALDG = TMA loads, LDL/STL =
+local memory, which must be zero). Also the compile time of each file. Needs nvcc and cuobjdump, no GPU.
+
+    python bench/gemm_resources.py            # writes bench/gemm_resources.md
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+ARCHS = [("sm_80", "-gencode=arch=compute_80,code=sm_80"), ("sm_90a", "-gencode=arch=compute_90a,code=sm_90a")]
+SASS_OPS = ["IMMA", "HGMMA", "LDSM", "LDGSTS", "UTMALDG", "LDL", "STL"]
+
+DRIVER = r"""
+#include <cstdio>
+#include <initializer_list>
+#include "gemm.h"
+int main() {
+  for (int bits : {8, 6})
+    for (int c = 0; c < hdrq::kMmaNumConfigs; ++c) {
+      hdrq::TileShape s = hdrq::mma_tile_shape(c, bits);
+      std::printf("mma %d %d %d %d %d %d %d\n", c, bits, s.bm, s.bn, s.bk, s.threads, s.smem_bytes);
+    }
+  return 0;
+}
+"""
+
+
+def find_cuobjdump() -> str:
+    """cuobjdump from PATH, the CUDA toolkit, or the copies pip packages ship (triton's, nvidia-cuda-cuobjdump)."""
+    import glob
+    import shutil
+
+    found = shutil.which("cuobjdump") or next(iter(glob.glob("/usr/local/cuda*/bin/cuobjdump")), None)
+    if found:
+        return found
+    import site
+
+    for base in site.getsitepackages():
+        for pattern in ("triton/backends/nvidia/bin/cuobjdump", "nvidia/*/bin/cuobjdump"):
+            hits = glob.glob(os.path.join(base, pattern))
+            if hits:
+                return hits[0]
+    sys.exit("cuobjdump not found (pip install nvidia-cuda-cuobjdump, or use the CUDA toolkit's)")
+
+
+def sh(cmd: list[str]) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+    return r.stdout + r.stderr
+
+
+def config_names() -> dict[tuple[int, ...], str]:
+    """MmaTraits template arguments (without BITS) -> config name, from gemm_mma.cu."""
+    src = open(os.path.join(CSRC, "gemm_mma.cu")).read()
+    return {tuple(int(x) for x in args.split(",")): name
+            for name, args in re.findall(r"using (\w+) = MmaTraits<B,\s*([\d,\s]+)>;", src)}
+
+
+def kernel_label(mangled: str, names: dict) -> str:
+    m = re.search(r"MmaTraitsILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", mangled)
+    if m:
+        bits, *rest = (int(x) for x in m.groups())
+        return f"mma {names.get(tuple(rest), rest)} w{bits}"
+    return mangled
+
+
+def main():
+    names = config_names()
+    rows = []
+    compile_s = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        objs = []
+        for cu in sorted(f for f in os.listdir(CSRC) if f.endswith(".cu")):
+            obj = os.path.join(tmp, cu + ".o")
+            t = time.time()
+            log = sh(["nvcc", "-std=c++17", "-O3", "-Xptxas", "-v", *(g for _, g in ARCHS), "-c",
+                      os.path.join(CSRC, cu), "-o", obj])
+            compile_s[cu] = time.time() - t
+            objs.append(obj)
+            # ptxas: "Compiling entry function 'NAME' for 'sm_XX'" ... "N bytes stack frame, S bytes spill stores,
+            # L bytes spill loads" ... "Used R registers, ... B bytes smem"
+            current = None
+            info = {}
+            for line in log.splitlines():
+                m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
+                if m:
+                    current = (m.group(1), m.group(2))
+                    info[current] = {}
+                    continue
+                if current is None:
+                    continue
+                m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+                if m and "stack" not in info[current]:
+                    info[current].update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+                m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+                if m:
+                    info[current].update(regs=int(m.group(1)), smem=int(m.group(2)))
+                    current = None
+            sass = sh([find_cuobjdump(), "-sass", obj])
+            counts = collections.defaultdict(collections.Counter)
+            func, arch = None, None
+            for line in sass.splitlines():
+                m = re.search(r"arch = (sm_\w+)", line)
+                if m:
+                    arch = m.group(1)
+                m = re.search(r"Function : (\S+)", line)
+                if m:
+                    func = m.group(1)
+                    continue
+                if func:
+                    m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+                    if m:
+                        op = m.group(1)
+                        for want in SASS_OPS:
+                            if op == want:
+                                counts[(func, arch)][want] += 1
+            for (fn, a), d in sorted(info.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                if "regs" not in d:
+                    continue
+                c = counts.get((fn, a), collections.Counter())
+                rows.append((cu, kernel_label(fn, names), a, d["regs"], d.get("spill_st", 0) + d.get("spill_ld", 0),
+                             d.get("stack", 0), d["smem"], *(c[o] for o in SASS_OPS)))
+        # dynamic shared memory from the kernels' own TileShape, through a host-only driver
+        drv = os.path.join(tmp, "drv.cpp")
+        with open(drv, "w") as f:
+            f.write(DRIVER)
+        exe = os.path.join(tmp, "drv")
+        mma_obj = next(o for o in objs if o.endswith("gemm_mma.cu.o"))
+        sh(["nvcc", "-std=c++17", "-I", CSRC, drv, mma_obj, "-o", exe])
+        shapes = {}
+        for line in sh([exe]).splitlines():
+            _, c, bits, bm, bn, bk, threads, smem = line.split()
+            shapes[(int(c), int(bits))] = (int(bm), int(bn), int(bk), int(threads), int(smem))
+
+    header = os.popen("nvcc --version | tail -2 | head -1").read().strip()
+    out = ["## GEMM kernels: compile-time resources", "",
+           f"Generated by `python bench/gemm_resources.py` ({datetime.date.today()}, {header}); do not edit by hand.",
+           "Registers, spills and stack from `ptxas -v`; static shared memory from ptxas, dynamic from each "
+           "configuration's TileShape; SASS instruction counts from `cuobjdump -sass` (static counts in the binary; "
+           "LDL/STL = local memory, must be 0).", "",
+           "| file | kernel | arch | regs | spill bytes | stack | static smem | " + " | ".join(SASS_OPS) + " |",
+           "|" + "---|" * (7 + len(SASS_OPS))]
+    for r in rows:
+        out.append("| " + " | ".join(str(v) for v in r) + " |")
+    out += ["", "Tile configurations (mma.sync kernel, `csrc/gemm_mma.cu`):", "",
+            "| config | w_bits | BM | BN | BK | threads | dynamic smem (bytes) |", "|---|---|---|---|---|---|---|"]
+    cfg_names = ["Decode16", "Decode32", "Decode64", "Tile64", "Tile128"]
+    for (c, bits), (bm, bn, bk, threads, smem) in sorted(shapes.items()):
+        out.append(f"| {cfg_names[c] if c < len(cfg_names) else c} | {bits} | {bm} | {bn} | {bk} | {threads} | {smem} |")
+    out += ["", "Compile time on this machine (`nvcc -O3`, sm_80 + sm_90a, one file at a time): " +
+            ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items()) + f" ({os.cpu_count()} CPU cores).", ""]
+    path = os.path.join(ROOT, "bench", "gemm_resources.md")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Small GEMM calls on every kernel path, for compute-sanitizer (memcheck, racecheck).
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_gemm.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python bench/sanitize_gemm.py --small
+
+Shapes with every edge the kernels handle: M below the tile, N and K not multiples of the panel, unit or
+stage, odd K (byte-wise A), and forced split-K (the partial-sum hand-off). The CUDA caching allocator is
+turned off so that memcheck sees each tensor as its own allocation (an overrun into a neighbouring tensor
+inside one cached segment would otherwise go unnoticed). Exits non-zero if a result is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+
+import torch  # noqa: E402
+
+from hdrq import ops  # noqa: E402
+from hdrq import reference as ref  # noqa: E402
+
+# (path, bits, M, N, K, splits)
+CASES = [
+    ("decode", 8, 1, 72, 36, 1),
+    ("decode", 6, 17, 40, 300, 2),
+    ("decode", 8, 3, 33, 77, 1),
+    ("decode", 6, 64, 48, 1024, 3),
+    ("mma", 8, 129, 136, 200, 2),
+    ("mma", 6, 70, 17, 64, 1),
+    ("mma", 6, 300, 260, 256, 1),
+]
+SMALL = [c for c in CASES if c[2] <= 129 and c[4] <= 300]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="fewer, smaller calls (racecheck is slow)")
+    args = ap.parse_args()
+    import hdrq._cuda as hc
+
+    failures = 0
+    for path, bits, m, n, k, splits in SMALL if args.small else CASES:
+        hc.DISPATCH = dataclasses.replace(hc.DISPATCH, decode_blocks_per_sm=64.0, mma_blocks_per_sm=64.0,
+                                          max_partial_fraction=1e9, max_splits=splits, min_k_tiles_per_split=1)
+        lo, hi = (-128, 128) if bits == 8 else (-32, 32)
+        q = torch.randint(lo, hi, (n, k), dtype=torch.int8, device="cuda")
+        w = ops.pack_weight(q, bits)
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+        a_scale = torch.rand(m, device="cuda") + 0.1
+        w_scale = torch.rand(n, device="cuda") + 0.1
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        acc = torch.empty((m, n), dtype=torch.int32, device="cuda")
+        out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+        plan = hc.int_gemm_out(acc, a, a_scale[:1], w, w_scale, None, bits, path=path)
+        hc.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, path=path)
+        ok = torch.equal(acc, ref.int_matmul_acc(a, q)) and torch.equal(
+            out, ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.bfloat16))
+        failures += not ok
+        print(f"{path:6s} w{bits} M={m} N={n} K={k} {plan.bm}x{plan.bn} splits={plan.splits}: "
+              f"{'ok' if ok else 'WRONG'}", flush=True)
+    torch.cuda.synchronize()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+// Torch binding of the hdrq CUDA kernels, built as hdrq._C. All torch code lives here; the kernels
+// (csrc/*.cu) see only plain pointers and sizes (gemm.h). The ops are private (namespace hdrq_C): the
+// public op hdrq::int_matmul stays in Python (hdrq/ops.py) so that backend selection stays there, and
+// hdrq/_cuda.py registers these as its CUDA implementation, with fake (meta) functions for torch.compile.
+//
+//   hdrq_C::int_gemm(out!, a_q, a_scale, w, w_scale, bias?, counters!, partials!, w_bits, path, config,
+//                    splits) -> ()
+//       out = epilogue(a_q @ w^T) written into `out` (bf16 / fp16 / fp32, or int32: the accumulator).
+//       Launches on the current stream; no host sync; allocates nothing (the caller owns `out` and the
+//       split-K workspace `counters` (zero on entry, left zero) and `partials`).
+//   hdrq_C::gemm_info(path, config, w_bits) -> int[]  [bm, bn, bk, threads, smem_bytes, split-K counters]
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "gemm.h"
+
+namespace {
+
+enum GemmPath : int64_t { kPathMma = 0, kPathWgmma = 1 };
+
+hdrq::TileShape tile_shape(int64_t path, int64_t config, int64_t w_bits) {
+  TORCH_CHECK(path == kPathMma, "hdrq_C: unknown GEMM path ", path);
+  return hdrq::mma_tile_shape(static_cast<int>(config), static_cast<int>(w_bits));
+}
+
+std::vector<int64_t> gemm_info(int64_t path, int64_t config, int64_t w_bits) {
+  const hdrq::TileShape s = tile_shape(path, config, w_bits);
+  TORCH_CHECK(s.bm > 0, "hdrq_C: unknown GEMM config ", config, " for w_bits = ", w_bits);
+  return {s.bm, s.bn, s.bk, s.threads, s.smem_bytes, hdrq::kSplitKCounters};
+}
+
+void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.is_cuda() && t.device() == device, "hdrq_C::int_gemm: ", name, " must be on ", device,
+              ", got ", t.device());
+}
+
+void int_gemm(const at::Tensor& out, const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w,
+              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, const at::Tensor& counters,
+              const at::Tensor& partials, int64_t w_bits, int64_t path, int64_t config, int64_t splits) {
+  const at::Device device = a_q.device();
+  for (auto [t, name] : {std::pair{&out, "out"}, {&a_scale, "a_scale"}, {&w, "w"}, {&w_scale, "w_scale"},
+                         {&counters, "counters"}, {&partials, "partials"}})
+    check_cuda(*t, name, device);
+  TORCH_CHECK(w_bits == 6 || w_bits == 8, "hdrq_C::int_gemm: w_bits must be 6 or 8, got ", w_bits);
+  TORCH_CHECK(a_q.scalar_type() == at::kChar && a_q.dim() == 2 && a_q.stride(1) == 1,
+              "hdrq_C::int_gemm: a_q must be int8 [M, K] with unit stride along K, got ", a_q.scalar_type(),
+              " of shape ", a_q.sizes(), " and strides ", a_q.strides());
+  const int64_t m = a_q.size(0), k = a_q.size(1);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 && w_scale.is_contiguous(),
+              "hdrq_C::int_gemm: w_scale must be a contiguous float32 [N], got ", w_scale.scalar_type(),
+              " of shape ", w_scale.sizes());
+  const int64_t n = w_scale.size(0);
+  TORCH_CHECK(m > 0 && n > 0 && k > 0 && m < INT32_MAX && n < INT32_MAX && k < INT32_MAX,
+              "hdrq_C::int_gemm: M, N, K must be in [1, 2^31), got ", m, ", ", n, ", ", k);
+  TORCH_CHECK(w_bits == 8 || k % 4 == 0, "hdrq_C::int_gemm: 6-bit weights need K % 4 == 0, got K = ", k);
+  const int64_t w_bytes = w_bits == 8 ? n * k : n * (3 * k / 4);
+  TORCH_CHECK(w.is_contiguous() && w.element_size() == 1 && w.numel() == w_bytes &&
+                  reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "hdrq_C::int_gemm: w must be the contiguous, 16-byte aligned pack_weight layout of ", w_bytes,
+              " bytes, got ", w.scalar_type(), " of shape ", w.sizes());
+  TORCH_CHECK(a_scale.scalar_type() == at::kFloat && a_scale.dim() == 1 && a_scale.is_contiguous() &&
+                  (a_scale.size(0) == m || a_scale.size(0) == 1),
+              "hdrq_C::int_gemm: a_scale must be a contiguous float32 [M] or [1], got ", a_scale.scalar_type(),
+              " of shape ", a_scale.sizes());
+  int bias_kind = hdrq::kBiasNone;
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    check_cuda(b, "bias", device);
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n && b.is_contiguous(),
+                "hdrq_C::int_gemm: bias must be a contiguous [N] = [", n, "], got shape ", b.sizes());
+    switch (b.scalar_type()) {
+      case at::kBFloat16: bias_kind = hdrq::kBiasBF16; break;
+      case at::kHalf: bias_kind = hdrq::kBiasFP16; break;
+      case at::kFloat: bias_kind = hdrq::kBiasFP32; break;
+      default: TORCH_CHECK(false, "hdrq_C::int_gemm: bias must be bf16, fp16 or fp32, got ", b.scalar_type());
+    }
+    bias_ptr = b.data_ptr();
+  }
+  int out_kind;
+  switch (out.scalar_type()) {
+    case at::kBFloat16: out_kind = hdrq::kOutBF16; break;
+    case at::kHalf: out_kind = hdrq::kOutFP16; break;
+    case at::kFloat: out_kind = hdrq::kOutFP32; break;
+    case at::kInt: out_kind = hdrq::kOutInt32; break;
+    default: TORCH_CHECK(false, "hdrq_C::int_gemm: out must be bf16, fp16, fp32 or int32, got ", out.scalar_type());
+  }
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n && out.stride(1) == 1,
+              "hdrq_C::int_gemm: out must be [M, N] = [", m, ", ", n, "] with unit stride along N, got shape ",
+              out.sizes(), " and strides ", out.strides());
+
+  const hdrq::TileShape shape = tile_shape(path, config, w_bits);
+  TORCH_CHECK(shape.bm > 0, "hdrq_C::int_gemm: unknown config ", config);
+  const int64_t m_tiles = (m + shape.bm - 1) / shape.bm;
+  const int64_t n_tiles = (n + shape.bn - 1) / shape.bn;
+  const int64_t k_tiles = (k + shape.bk - 1) / shape.bk;
+  TORCH_CHECK(m_tiles <= 65535 && splits >= 1 && splits <= 65535 && splits <= k_tiles,
+              "hdrq_C::int_gemm: grid out of range: ", m_tiles, " M tiles, ", splits, " splits, ", k_tiles,
+              " K tiles");
+  if (splits > 1) {
+    TORCH_CHECK(counters.scalar_type() == at::kInt && counters.is_contiguous() &&
+                    counters.numel() >= m_tiles * n_tiles && partials.scalar_type() == at::kInt &&
+                    partials.is_contiguous() && partials.numel() >= m_tiles * n_tiles * splits * shape.bm * shape.bn,
+                "hdrq_C::int_gemm: split-K workspace too small for ", m_tiles * n_tiles, " tiles x ", splits,
+                " splits: counters ", counters.numel(), ", partials ", partials.numel());
+  }
+
+  hdrq::GemmArgs args{};
+  args.a = a_q.data_ptr<int8_t>();
+  args.lda = a_q.stride(0);
+  args.a_scale = a_scale.data_ptr<float>();
+  args.a_scale_per_token = a_scale.size(0) == m && m != 1 ? 1 : 0;
+  args.w = static_cast<const uint8_t*>(w.data_ptr());
+  args.w_scale = w_scale.data_ptr<float>();
+  args.bias = bias_ptr;
+  args.bias_kind = bias_kind;
+  args.out = out.data_ptr();
+  args.ldo = out.stride(0);
+  args.out_kind = out_kind;
+  args.m = static_cast<int>(m);
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  args.w_bits = static_cast<int>(w_bits);
+  args.splits = static_cast<int>(splits);
+  args.partials = splits > 1 ? partials.data_ptr<int32_t>() : nullptr;
+  args.partials_elems = partials.numel();
+  args.counters = splits > 1 ? counters.data_ptr<int32_t>() : nullptr;
+  args.counters_elems = counters.numel();
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err = hdrq::launch_gemm_mma(args, static_cast<int>(config), stream);
+  TORCH_CHECK(err == cudaSuccess, "hdrq_C::int_gemm: launch failed (M=", m, ", N=", n, ", K=", k,
+              ", w_bits=", w_bits, ", config=", config, ", splits=", splits, "): ", cudaGetErrorString(err));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hdrq_C, m) {
+  m.def(
+      "int_gemm(Tensor(a!) out, Tensor a_q, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, "
+      "Tensor(b!) counters, Tensor(c!) partials, int w_bits, int path, int config, int splits) -> ()");
+  m.def("gemm_info(int path, int config, int w_bits) -> int[]", &gemm_info);
+}
+
+TORCH_LIBRARY_IMPL(hdrq_C, CUDA, m) { m.impl("int_gemm", &int_gemm); }
+
+// `import hdrq._C` loads this library, which runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) { (void)module; }

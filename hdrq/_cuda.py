@@ -1,0 +1,273 @@
+"""The CUDA backend of ``hdrq.ops``: the W8A8 / W6A6 GEMM kernels of ``hdrq._C`` (csrc/).
+
+Importing this module loads the extension (an ImportError when it was not built: the seam in
+``hdrq.ops`` reports it and uses the other implementations) and registers
+
+* ``int_matmul``: ``epilogue(a_q @ w^T)``, bf16 / fp16 / fp32 out;
+* ``int_matmul_int32``: the same kernels writing the exact int32 accumulator (tests compare it bit for bit).
+
+Kernel paths (``csrc/gemm_mma.cu``):
+
+* ``decode``: M <= 64 (one M tile of 16, 32 or 64 rows), a weight stream with split-K;
+* ``mma``: any M, 64x128 or 128x128 tiles of ``mma.sync`` (sm_80 and up);
+* ``wgmma``: the Hopper large-M path (part 2 of the GEMM work; not built yet, so never chosen).
+
+The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma``, read on every call
+so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in one place).
+A forced path that cannot take the inputs raises ``hdrq.ops.Unsupported`` (the reference runs, with a
+warning), never a wrong answer. :data:`PATH_CALLS` counts the launches per path (tests check that a forced
+path really ran).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library: registers the hdrq_C ops)
+from . import ops
+
+PATHS = ("auto", "decode", "mma", "wgmma")
+_CXX_PATH = {"decode": 0, "mma": 0}  # both are the mma.sync kernel (hdrq_C path 0), different tiles
+# Config indices of hdrq_C path 0 (csrc/gemm.h, MmaConfig)
+_DECODE_CONFIGS = ((16, 0), (32, 1), (64, 2))  # (max M, config)
+_TILE64, _TILE128 = 3, 4
+
+PATH_CALLS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass
+class GemmDispatch:
+    """How ``int_matmul`` picks its kernel, tiles and split-K on CUDA. Change crossovers here only."""
+
+    decode_max_m: int = 64
+    """M <= this: the decode path (weights streamed once; M padded to 16, 32 or 64 rows)."""
+    wgmma_min_m: Optional[int] = None
+    """Hopper: M >= this takes the wgmma path. None until that path exists and its tests pass."""
+    decode_blocks_per_sm: float = 2.0
+    """Decode split-K aims at this many blocks per SM (enough weight bytes in flight to saturate HBM)."""
+    mma_blocks_per_sm: float = 1.0
+    """General path: split K only while the output tiles fill fewer than this many blocks per SM."""
+    max_partial_fraction: float = 0.125
+    """Split-K moves 8 bytes (write + read) per output element per split: at most this fraction of the
+    weight bytes, so partial sums never cost the decode stream much."""
+    max_splits: int = 16
+    min_k_tiles_per_split: int = 2
+    partials_per_stream: int = 1 << 21
+    """int32 elements of the split-K partial buffer per stream (8 MiB); larger needs fall back to fewer splits."""
+    counter_slots: int = 16
+    """Streams per device that can run split-K at once (each needs its own zeroed counters)."""
+
+
+DISPATCH = GemmDispatch()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    path: str      # "decode" | "mma" | "wgmma"
+    config: int    # hdrq_C config index of that path
+    splits: int
+    bm: int
+    bn: int
+    bk: int
+
+
+# ---------------------------------------------------------------------------------------- devices
+
+_DEVICE_INFO: dict[int, tuple[int, int]] = {}
+_TILE_INFO: dict[tuple[int, int, int], tuple[int, ...]] = {}
+
+
+def _device_info(index: int) -> tuple[int, int]:
+    """(compute capability as 10*major + minor, SM count) of CUDA device ``index``."""
+    if index not in _DEVICE_INFO:
+        p = torch.cuda.get_device_properties(index)
+        _DEVICE_INFO[index] = (10 * p.major + p.minor, p.multi_processor_count)
+    return _DEVICE_INFO[index]
+
+
+def tile_info(path: int, config: int, w_bits: int) -> tuple[int, ...]:
+    """(bm, bn, bk, threads, smem bytes, split-K counters) of a kernel configuration, from the library."""
+    key = (path, config, w_bits)
+    if key not in _TILE_INFO:
+        _TILE_INFO[key] = tuple(int(v) for v in torch.ops.hdrq_C.gemm_info(path, config, w_bits))
+    return _TILE_INFO[key]
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _splits(m: int, n: int, k: int, w_bits: int, bm: int, bn: int, bk: int, sms: int,
+            blocks_per_sm: float, d: GemmDispatch) -> int:
+    tiles = _cdiv(m, bm) * _cdiv(n, bn)
+    want = _cdiv(int(blocks_per_sm * sms), tiles)
+    weight_bytes = n * k * w_bits / 8
+    by_traffic = int(d.max_partial_fraction * weight_bytes / (8 * m * n))
+    by_k = _cdiv(k, bk) // d.min_k_tiles_per_split
+    splits = max(1, min(want, by_traffic, by_k, d.max_splits))
+    while splits > 1 and tiles * splits * bm * bn > d.partials_per_stream:
+        splits -= 1
+    if tiles > tile_info(0, 0, w_bits)[5]:
+        splits = 1
+    return splits
+
+
+def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = "auto",
+         dispatch: Optional[GemmDispatch] = None) -> Plan:
+    """The kernel, tiles and split-K that ``int_matmul`` uses for these sizes on ``device``.
+    Raises :class:`hdrq.ops.Unsupported` for a path that cannot take them."""
+    d = dispatch or DISPATCH
+    cc, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
+    if cc < 80:
+        raise ops.Unsupported(f"the GEMM kernels need sm_80 or newer, got compute capability {cc // 10}.{cc % 10}")
+    if path not in PATHS:
+        raise ValueError(f"HDRQ_GEMM_PATH must be one of {PATHS}, got {path!r}")
+    if path == "auto":
+        if m <= d.decode_max_m:
+            path = "decode"
+        elif d.wgmma_min_m is not None and cc == 90 and m >= d.wgmma_min_m:
+            path = "wgmma"
+        else:
+            path = "mma"
+    if path == "wgmma":
+        raise ops.Unsupported("the wgmma (Hopper large-M) GEMM path is not built")
+    if path == "decode":
+        config = next((c for top, c in _DECODE_CONFIGS if m <= top), _DECODE_CONFIGS[-1][1])
+        blocks_per_sm = d.decode_blocks_per_sm
+    else:
+        bm128, bn128 = tile_info(0, _TILE128, w_bits)[:2]
+        config = _TILE128 if _cdiv(m, bm128) * _cdiv(n, bn128) >= sms else _TILE64
+        blocks_per_sm = d.mma_blocks_per_sm
+    bm, bn, bk = tile_info(0, config, w_bits)[:3]
+    if _cdiv(m, bm) > 65535:
+        raise ops.Unsupported(f"M = {m} needs more than 65535 row tiles of {bm}")
+    splits = _splits(m, n, k, w_bits, bm, bn, bk, sms, blocks_per_sm, d)
+    return Plan(path, config, splits, bm, bn, bk)
+
+
+# ---------------------------------------------------------------------------------------- workspace
+
+
+class _Workspace:
+    """Split-K scratch of one device: zeroed counters (``counter_slots`` x one per output tile, created
+    once outside CUDA-graph capture; the kernels leave them zero) and, per stream, a partial-sum buffer
+    that needs no initialisation (so it may be created during capture). Streams get their own slot, so
+    concurrent streams never share counters."""
+
+    def __init__(self, device: torch.device, slots: int, counters_per_slot: int):
+        self.counters = torch.zeros((slots, counters_per_slot), dtype=torch.int32, device=device)
+        self.slot_of: dict[int, int] = {}
+        self.partials: dict[int, Tensor] = {}
+
+    def get(self, stream: int, elems: int) -> Optional[tuple[Tensor, Tensor]]:
+        slot = self.slot_of.get(stream)
+        if slot is None:
+            if len(self.slot_of) >= self.counters.shape[0]:
+                return None
+            slot = self.slot_of[stream] = len(self.slot_of)
+        part = self.partials.get(stream)
+        if part is None or part.numel() < elems:
+            part = self.partials[stream] = torch.empty(elems, dtype=torch.int32, device=self.counters.device)
+        return self.counters[slot], part
+
+
+_WORKSPACES: dict[int, _Workspace] = {}
+_EMPTY: dict[int, Tensor] = {}
+
+
+def _workspace(device: torch.device, elems: int, counters_per_slot: int) -> Optional[tuple[Tensor, Tensor]]:
+    index = device.index
+    ws = _WORKSPACES.get(index)
+    if ws is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None  # zeroed counters cannot be made inside a capture: this call runs without split-K
+        ws = _WORKSPACES[index] = _Workspace(device, DISPATCH.counter_slots, counters_per_slot)
+    return ws.get(torch.cuda.current_stream(device).cuda_stream, elems)
+
+
+def _empty_int32(device: torch.device) -> Tensor:
+    if device.index not in _EMPTY:
+        _EMPTY[device.index] = torch.empty(0, dtype=torch.int32, device=device)
+    return _EMPTY[device.index]
+
+
+# ---------------------------------------------------------------------------------------- launch
+
+
+def _current_path() -> str:
+    return os.environ.get("HDRQ_GEMM_PATH", "auto").strip().lower() or "auto"
+
+
+def int_gemm_out(out: Tensor, a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                 w_bits: int, path: Optional[str] = None) -> Plan:
+    """Run the GEMM into a caller-provided ``out`` ([M, N], bf16/fp16/fp32, or int32 for the accumulator)
+    and return the plan it ran. Raises :class:`hdrq.ops.Unsupported` for inputs the kernels cannot take.
+    (Tests call this with poisoned ``out`` tensors.)"""
+    if a_q.device.type != "cuda":
+        raise ops.Unsupported(f"the CUDA GEMM runs on CUDA tensors, got {a_q.device}")
+    m, k = a_q.shape
+    n = w_scale.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        raise ops.Unsupported(f"empty GEMM (M, N, K) = ({m}, {n}, {k})")
+    if max(m, n, k) >= 2**31 - 1:
+        raise ops.Unsupported(f"sizes beyond int32: (M, N, K) = ({m}, {n}, {k})")
+    if a_q.stride(1) != 1:
+        raise ops.Unsupported(f"a_q must have unit stride along K, got strides {tuple(a_q.stride())}")
+    if not w.is_contiguous() or w.data_ptr() % 16 != 0:
+        raise ops.Unsupported("w must be contiguous and 16-byte aligned (a fresh pack_weight tensor is)")
+    for name, t in (("a_scale", a_scale), ("w_scale", w_scale), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            raise ops.Unsupported(f"{name} must be contiguous, got strides {tuple(t.stride())}")
+    pl = plan(m, n, k, w_bits, a_q.device, path or _current_path())
+    splits = pl.splits
+    counters = partials = _empty_int32(a_q.device)
+    if splits > 1:
+        tiles = _cdiv(m, pl.bm) * _cdiv(n, pl.bn)
+        counters_per_slot = tile_info(0, pl.config, w_bits)[5]
+        ws = _workspace(a_q.device, max(tiles * splits * pl.bm * pl.bn, DISPATCH.partials_per_stream),
+                        counters_per_slot)
+        if ws is None:
+            splits = 1
+        else:
+            counters, partials = ws
+    torch.ops.hdrq_C.int_gemm(out, a_q, a_scale, w, w_scale, bias, counters, partials, w_bits,
+                              _CXX_PATH[pl.path], pl.config, splits)
+    PATH_CALLS[pl.path] += 1
+    return dataclasses.replace(pl, splits=splits)
+
+
+def int_matmul(a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, w_bits: int, bias: Optional[Tensor],
+               out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty((a_q.shape[0], w_scale.shape[0]), dtype=out_dtype, device=a_q.device)
+    int_gemm_out(out, a_q, a_scale, w, w_scale, bias, w_bits)
+    return out
+
+
+def int_matmul_int32(a_q: Tensor, w: Tensor, w_bits: int) -> Tensor:
+    n = w.shape[0]
+    out = torch.empty((a_q.shape[0], n), dtype=torch.int32, device=a_q.device)
+    # The scales are not read for int32 output; the op still checks their shapes.
+    ones = torch.ones(max(n, 1), dtype=torch.float32, device=a_q.device)
+    int_gemm_out(out, a_q, ones[:1], w, ones[:n], None, w_bits)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- registration
+
+
+@torch.library.register_fake("hdrq_C::int_gemm")
+def _(out, a_q, a_scale, w, w_scale, bias, counters, partials, w_bits, path, config, splits):
+    return None
+
+
+ops.register_impl("int_matmul", "cuda", int_matmul)
+ops.register_impl("int_matmul_int32", "cuda", int_matmul_int32)

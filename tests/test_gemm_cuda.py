@@ -1,0 +1,271 @@
+"""The CUDA GEMM kernels (hdrq._C, csrc/gemm_*.cu) against the reference, on a GPU.
+
+Every kernel path is forced in turn (HDRQ_GEMM_PATH) at every tested shape, and each test checks that the
+path really ran (hdrq._cuda.PATH_CALLS), so a silent fallback to the reference cannot pass for a kernel.
+The int32 accumulator must equal the reference exactly; outputs are the reference's fp32 epilogue rounded
+once, so they must match it within one rounding of the output dtype (in fact they are bit-identical).
+"""
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import hdrq
+from hdrq import ops
+from hdrq import reference as ref
+
+pytestmark = pytest.mark.cuda
+
+KERNEL_PATHS = ["decode", "mma"]
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    """hdrq._cuda, or a failure (not a skip) naming why the extension did not load: on a GPU machine a
+    missing or broken build is a bug."""
+    import hdrq._cuda as cuda_mod  # noqa: F401  (raises the ImportError if hdrq._C was not built)
+    assert "cuda" in ops.available_backends("cuda"), ops._LOAD_ERRORS
+    return cuda_mod
+
+
+@pytest.fixture
+def force_path(monkeypatch, cuda_backend):
+    def force(path):
+        monkeypatch.setenv("HDRQ_GEMM_PATH", path)
+        return cuda_backend.PATH_CALLS[path]
+    return force
+
+
+def weights(n, k, bits, device="cuda"):
+    lo, hi = (-128, 128) if bits == 8 else (-32, 32)
+    q = torch.randint(lo, hi, (n, k), dtype=torch.int8, device=device)
+    return q, ops.pack_weight(q, bits)
+
+
+def acts(m, k, lo=-128, hi=128):
+    return torch.randint(lo, hi, (m, k), dtype=torch.int8, device="cuda")
+
+
+# M from the issue; N and K include non-multiples of the panel (16), unit (32) and stage (64/128) sizes.
+SHAPES = [
+    (1, 4096, 4096), (1, 72, 36), (3, 1000, 1028), (16, 272, 96), (16, 14336, 512), (17, 4104, 300),
+    (64, 1040, 4096), (64, 24, 20), (129, 520, 1000), (129, 4096, 164), (2048, 4096, 4096), (2048, 200, 68),
+]
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_accumulator_exact(force_path, path, bits, m, n, k):
+    before = force_path(path)
+    q, w = weights(n, k, bits)
+    a = acts(m, k)
+    got = ops.int_matmul_int32(a, w, w_bits=bits)
+    assert got.dtype == torch.int32
+    assert torch.equal(got, ref.int_matmul_acc(a, q))
+    assert force_path(path) == before + 1, f"the {path} kernel did not run"
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_odd_k_and_unaligned_rows(force_path, path):
+    """8-bit weights with odd K (A rows not 16-byte aligned: the byte-wise loader), and A as a strided view."""
+    before = force_path(path)
+    q, w = weights(70, 333, 8)
+    a = acts(19, 333)
+    assert torch.equal(ops.int_matmul_int32(a, w, w_bits=8), ref.int_matmul_acc(a, q))
+    big = acts(19, 400)
+    view = big[:, 16:16 + 333]  # lda = 400, offset 16: aligned rows of a wider tensor
+    assert torch.equal(ops.int_matmul_int32(view, w, w_bits=8), ref.int_matmul_acc(view, q))
+    view = big[:, 3:3 + 333]  # base not 16-byte aligned
+    assert torch.equal(ops.int_matmul_int32(view, w, w_bits=8), ref.int_matmul_acc(view, q))
+    assert force_path(path) == before + 3
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_unsigned_activations_and_extremes(force_path, path):
+    force_path(path)
+    k = 4096
+    q, w = weights(64, k, 6)
+    a = acts(5, k, 0, 64)  # post-ReLU 6-bit
+    assert torch.equal(ops.int_matmul_int32(a, w, w_bits=6), ref.int_matmul_acc(a, q))
+    # extremes: -128 * -128 summed over K stays exact (and within int32)
+    q8 = torch.full((32, k), -128, dtype=torch.int8, device="cuda")
+    a8 = torch.full((3, k), -128, dtype=torch.int8, device="cuda")
+    assert torch.equal(ops.int_matmul_int32(a8, ops.pack_weight(q8, 8), w_bits=8),
+                       torch.full((3, 32), 128 * 128 * k, dtype=torch.int32, device="cuda"))
+    q6 = torch.full((32, k), -32, dtype=torch.int8, device="cuda")
+    assert torch.equal(ops.int_matmul_int32(a8, ops.pack_weight(q6, 6), w_bits=6),
+                       torch.full((3, 32), 128 * 32 * k, dtype=torch.int32, device="cuda"))
+
+
+def _ulps_ok(got, want_fp32, dtype):
+    """got equals want_fp32 rounded once to dtype (nearest), up to one unit of that rounding."""
+    want = want_fp32.to(dtype)
+    if torch.equal(got, want):
+        return True
+    eps = torch.finfo(dtype).eps
+    return torch.allclose(got.float(), want_fp32, rtol=eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("per_token,bias_dtype", [(True, None), (False, torch.bfloat16), (True, torch.float32),
+                                                  (True, torch.float16)])
+@pytest.mark.parametrize("m,n,k", [(3, 272, 1028), (129, 200, 640)])
+def test_outputs_poisoned(cuda_backend, path, bits, out_dtype, per_token, bias_dtype, m, n, k):
+    q, w = weights(n, k, bits)
+    a = acts(m, k)
+    a_scale = (torch.rand(m if per_token else 1, device="cuda") + 0.05) / 2000
+    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
+    bias = None if bias_dtype is None else torch.randn(n, device="cuda").to(bias_dtype)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device="cuda")
+    cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, path=path)
+    assert not out.isnan().any(), "an output element was never written"
+    want = ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.float32)
+    assert _ulps_ok(out, want, out_dtype)
+    # in fact: the same fp32 operations in the same order, rounded once
+    assert torch.equal(out, want.to(out_dtype))
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_int32_output_poisoned(cuda_backend, path):
+    q, w = weights(300, 520, 6)
+    a = acts(70, 520)
+    out = torch.full((70, 300), -0x5A5A5A5B, dtype=torch.int32, device="cuda")
+    ones = torch.ones(300, device="cuda")
+    cuda_backend.int_gemm_out(out, a, ones[:1], w, ones, None, 6, path=path)
+    assert torch.equal(out, ref.int_matmul_acc(a, q))
+
+
+def test_strided_output_rows(cuda_backend):
+    """out with a row stride larger than N (a view), odd N: scalar stores, nothing outside the view."""
+    q, w = weights(37, 256, 8)
+    a = acts(5, 256)
+    big = torch.full((5, 40), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ones = torch.ones(37, device="cuda")
+    cuda_backend.int_gemm_out(big[:, 1:38], a, ones[:1], w, ones, None, 8, path="decode")
+    want = ref.int_matmul(a, ones[:1], w, ones, 8, None, torch.bfloat16)
+    assert torch.equal(big[:, 1:38], want)
+    assert big[:, 0].isnan().all() and big[:, 38:].isnan().all()
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("splits_wanted", [2, 3, 7, 16])
+def test_split_k(cuda_backend, monkeypatch, path, splits_wanted):
+    """Force many K splits (the last split to arrive sums the partials, then leaves the counters zero)."""
+    d = dataclasses.replace(cuda_backend.DISPATCH, decode_blocks_per_sm=64.0, mma_blocks_per_sm=64.0,
+                            max_partial_fraction=1e9, max_splits=splits_wanted, min_k_tiles_per_split=1)
+    monkeypatch.setattr(cuda_backend, "DISPATCH", d)
+    for bits in (6, 8):
+        q, w = weights(200, 2080, bits)
+        a = acts(70 if path == "mma" else 9, 2080)
+        out = torch.empty((a.shape[0], 200), dtype=torch.int32, device="cuda")
+        ones = torch.ones(200, device="cuda")
+        for _ in range(3):  # repeated: counters must be back at zero each time
+            plan = cuda_backend.int_gemm_out(out, a, ones[:1], w, ones, None, bits, path=path)
+            assert plan.splits == splits_wanted
+            assert torch.equal(out, ref.int_matmul_acc(a, q))
+
+
+def test_concurrent_streams(cuda_backend):
+    """Split-K on two streams at once: each stream has its own counters and partials."""
+    q, w = weights(4096, 4096, 6)
+    xs = [acts(1, 4096) for _ in range(2)]
+    want = [ref.int_matmul_acc(x, q) for x in xs]
+    ws = torch.ones(4096, device="cuda")
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = [None, None]
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for i, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[i] = ops.int_matmul(xs[i], ws[:1], w, ws, w_bits=6, out_dtype=torch.float32)
+    torch.cuda.synchronize()
+    for o, wnt in zip(outs, want):
+        assert torch.equal(o, wnt.float())
+
+
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_cuda_graph_capture(cuda_backend, m):
+    q, w = weights(4096, 4096, 6)
+    a = acts(m, 4096)
+    a_scale = torch.rand(m, device="cuda") + 0.1
+    w_scale = torch.rand(4096, device="cuda") + 0.1
+    bias = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture (sets up the split-K workspace)
+        ops.int_matmul(a, a_scale, w, w_scale, w_bits=6, bias=bias)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.int_matmul(a, a_scale, w, w_scale, w_bits=6, bias=bias)
+    for _ in range(3):
+        a.copy_(acts(m, 4096))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref.int_matmul(a, a_scale, w, w_scale, 6, bias, torch.bfloat16))
+
+
+def test_torch_compile(cuda_backend):
+    q, w = weights(520, 640, 8)
+    w_scale = torch.rand(520, device="cuda") + 0.1
+
+    def f(x):
+        a_q, a_s = ops.quantize_per_token(x, bits=8)
+        return ops.int_matmul(a_q, a_s, w, w_scale, w_bits=8, out_dtype=torch.float32).relu()
+
+    x = torch.randn(33, 640, device="cuda")
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_opcheck_cuda(cuda_backend):
+    q, w = weights(40, 96, 6)
+    a = acts(5, 96)
+    opcheck(torch.ops.hdrq.int_matmul.default,
+            (a, torch.rand(5, device="cuda"), w, torch.rand(40, device="cuda"), 6, torch.randn(40, device="cuda"),
+             torch.bfloat16))
+    opcheck(torch.ops.hdrq.int_matmul_int32.default, (a, w, 6))
+    ws = torch.empty(0, dtype=torch.int32, device="cuda")
+    out = torch.empty(5, 40, dtype=torch.float16, device="cuda")
+    opcheck(torch.ops.hdrq_C.int_gemm.default,
+            (out, a, torch.rand(1, device="cuda"), w, torch.rand(40, device="cuda"), None, ws, ws, 6, 0, 0, 1))
+
+
+def test_auto_dispatch_uses_kernels(cuda_backend, monkeypatch):
+    monkeypatch.delenv("HDRQ_GEMM_PATH", raising=False)
+    for m, path in [(1, "decode"), (64, "decode"), (65, "mma"), (2048, "mma")]:
+        before = cuda_backend.PATH_CALLS[path]
+        q, w = weights(256, 256, 8)
+        a = acts(m, 256)
+        assert torch.equal(ops.int_matmul_int32(a, w, w_bits=8), ref.int_matmul_acc(a, q))
+        assert cuda_backend.PATH_CALLS[path] == before + 1
+
+
+def test_unsupported_inputs_fall_back_to_reference(cuda_backend, monkeypatch):
+    monkeypatch.setattr(ops, "_WARNED", set())
+    q, w = weights(64, 128, 8)
+    a = acts(4, 256)[:, ::2]  # stride 2 along K: the kernels need unit stride
+    with pytest.warns(RuntimeWarning, match="unit stride"):
+        got = ops.int_matmul_int32(a, w, w_bits=8)
+    assert torch.equal(got, ref.int_matmul_acc(a, q))
+    monkeypatch.setenv("HDRQ_GEMM_PATH", "wgmma")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ops.int_matmul_int32(acts(4, 128), w, w_bits=8)
+    assert got.shape == (4, 64)
+
+
+def test_public_op_matches_reference_backend(cuda_backend):
+    q, w = weights(300, 1000, 6)
+    a = acts(7, 1000)
+    a_s, w_s = torch.rand(7, device="cuda"), torch.rand(300, device="cuda")
+    hdrq.set_backend("cuda")
+    got = ops.int_matmul(a, a_s, w, w_s, w_bits=6, out_dtype=torch.float16)
+    hdrq.set_backend("reference")
+    want = ops.int_matmul(a, a_s, w, w_s, w_bits=6, out_dtype=torch.float16)
+    assert torch.equal(got, want)

@@ -1,0 +1,226 @@
+"""The GEMM weight layout (hdrq.ops.pack_weight) and a CPU emulation of the CUDA GEMM kernels that use it.
+
+The emulation (tests/gemm_emulator.py) mirrors csrc/gemm_mma.cu statement by statement and runs the
+hardware instructions from their PTX definitions, so these tests prove, without a GPU, that the loaders,
+the 6-bit expansion, the fragment loads, the pipeline stages, split-K and the epilogue indexing produce
+the exact int32 accumulator (and the reference's fp32 output) on awkward shapes.
+"""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import gemm_emulator as E
+from hdrq import ops
+from hdrq import reference as ref
+
+
+def rand_weight(n, k, bits, gen=None):
+    lo, hi = (-128, 128) if bits == 8 else (-32, 32)
+    return torch.randint(lo, hi, (n, k), dtype=torch.int8, generator=gen)
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("n,k", [(1, 4), (3, 8), (15, 28), (16, 32), (17, 36), (16, 64), (32, 32), (48, 96),
+                                 (33, 100), (64, 4096), (5, 128), (40, 300), (130, 132)])
+def test_pack_unpack_round_trip(bits, n, k):
+    q = rand_weight(n, k, bits)
+    w = ops.pack_weight(q, bits)
+    assert w.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert w.shape == ((n, k) if bits == 8 else (n, 3 * k // 4))
+    assert torch.equal(ops.unpack_weight(w, bits, n, k), q)
+    # a permutation of the canonical bytes (8-bit) / of the canonical values (6-bit)
+    if bits == 8:
+        assert torch.equal(w.reshape(-1).sort().values, q.reshape(-1).sort().values)
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_pack_weight_odd_k(bits):
+    if bits == 6:
+        with pytest.raises(ValueError, match="multiple of 4"):
+            ops.pack_weight(torch.zeros(16, 33, dtype=torch.int8), 6)
+        return
+    q = rand_weight(19, 77, 8)
+    assert torch.equal(ops.unpack_weight(ops.pack_weight(q, 8), 8, 19, 77), q)
+
+
+def test_pack_weight_errors():
+    with pytest.raises(ValueError, match=r"\[-32, 31\]"):
+        ops.pack_weight(torch.full((16, 32), 32, dtype=torch.int8), 6)
+    with pytest.raises(ValueError, match="bits"):
+        ops.pack_weight(torch.zeros(4, 8, dtype=torch.int8), 4)
+    with pytest.raises(TypeError, match="int8"):
+        ops.pack_weight(torch.zeros(4, 8), 8)
+
+
+def test_small_matrices_keep_canonical_order():
+    q = rand_weight(15, 64, 6)
+    assert torch.equal(ops.pack_weight(q, 6), ops.pack_int6(q))
+    q = rand_weight(40, 31, 8)
+    assert torch.equal(ops.pack_weight(q, 8), q)
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_unit_bytes_match_the_documented_formula(bits):
+    """Every byte of region 1, located with the docstring's formula, element by element."""
+    n, k = 34, 68  # 2 full panels, 2 full units, a K tail of 4 and an N tail of 2
+    q = rand_weight(n, k, bits)
+    w = ops.pack_weight(q, bits).reshape(-1).view(torch.uint8)
+    geo = ref.gemm_layout_geometry(bits, n, k)
+    ub = geo["unit_bytes"]
+    code = (q.to(torch.int32) & 0x3F)
+    for u in range(2):
+        for p in range(2):
+            base = (u * 2 + p) * ub
+            for g in range(8):
+                for t in range(4):
+                    for b in range(4):
+                        lane_byte = 16 * g + 4 * t + b
+                        x = [q[16 * p + 8 * (c // 2) + g, 32 * u + 16 * (c % 2) + 4 * t + b] for c in range(4)]
+                        if bits == 8:
+                            for c in range(4):
+                                assert int(w[base + 128 * c + lane_byte].view(torch.int8)) == int(x[c])
+                        else:
+                            xc = [code[16 * p + 8 * (c // 2) + g, 32 * u + 16 * (c % 2) + 4 * t + b] for c in range(4)]
+                            for qq in range(3):
+                                expect = ((int(xc[qq]) << 2) | ((int(xc[3]) >> (4 - 2 * qq)) & 3)) & 0xFF
+                                assert int(w[base + 128 * qq + lane_byte]) == expect
+    # regions 2 and 3: canonical bytes
+    canon = (lambda t: t.contiguous().view(torch.uint8).reshape(-1)) if bits == 8 else (
+        lambda t: ops.pack_int6(t).reshape(-1))
+    assert torch.equal(w[geo["tail_start"]: geo["rest_start"]], canon(q[:32, 64:]))
+    assert torch.equal(w[geo["rest_start"]:], canon(q[32:, :]))
+
+
+def test_expand6_rebuilds_four_times_the_values():
+    """The kernel's mask-and-shift expansion of three 6-bit planes gives 4*w in every byte of four registers."""
+    x = torch.randint(-32, 32, (4, 32, 4), dtype=torch.int8)  # plane, lane, byte
+    code = x.to(torch.int64) & 0x3F
+    planes = [((code[q] << 2) | ((code[3] >> (4 - 2 * q)) & 3)) for q in range(3)]
+    words = [np.array([int(sum(int(p[lane, b]) << (8 * b) for b in range(4))) for lane in range(32)], dtype=np.uint32)
+             for p in planes]
+    regs = E.expand6(*words)
+    for c in range(4):
+        got = regs[c].astype("<u4").view(np.int8).reshape(32, 4)
+        assert np.array_equal(got, (4 * x[c].to(torch.int32)).numpy())
+
+
+def test_layout_constants_match_the_cuda_sources():
+    src = (E.CSRC / "gemm_device.cuh").read_text()
+    assert f"kPanelRows = {ref.GEMM_PANEL_ROWS};" in src
+    assert f"kUnitK = {ref.GEMM_UNIT_K};" in src
+    assert f"kPlaneBytes = {ref.GEMM_PLANE_BYTES};" in src
+    for bits, (n, k) in [(8, (37, 101)), (6, (50, 132))]:
+        g, e = ref.gemm_layout_geometry(bits, n, k), E.geometry(bits, n, k)
+        assert (g["full_panels"], g["full_units"], g["k_tail"], g["tail_start"], g["rest_start"]) == (
+            e.full_panels, e.full_units, e.k_tail, e.tail_start, e.rest_start)
+
+
+# ------------------------------------------------------------------------------------------------ emulated kernel
+
+
+def emulate(config, bits, m, n, k, splits, *, lda=None, a_base=0, scales=False, bias=False, order=None, seed=0,
+            a_vals=(-128, 128)):
+    gen = torch.Generator().manual_seed(seed)
+    T = E.traits(config, bits)
+    lda = lda or k
+    q = rand_weight(n, k, bits, gen)
+    a = torch.randint(*a_vals, (m, k), dtype=torch.int8, generator=gen)
+    w = ops.pack_weight(q, bits)
+    buf = np.zeros(a_base + m * lda + 64, dtype=np.int8)  # stands for a 16-byte aligned allocation
+    for i in range(m):
+        buf[a_base + i * lda: a_base + i * lda + k] = a[i].numpy()
+    P = E.Problem(buf, a_base, lda, w.reshape(-1).view(torch.uint8).numpy(), m, n, k, bits)
+    if scales:
+        a_scale = torch.rand(m if m > 1 else 1, generator=gen) + 0.05
+        w_scale = torch.rand(n, generator=gen) + 0.05
+        b = torch.randn(n, generator=gen) if bias else None
+        P.a_scale, P.w_scale, P.bias = a_scale.numpy(), w_scale.numpy(), None if b is None else b.numpy()
+        expect = ref.int_matmul(a, a_scale, w, w_scale, bits, b, torch.float32).numpy()
+    else:
+        expect = ref.int_matmul_acc(a, q).numpy()
+    got = E.run_kernel(T, P, splits, order)
+    return got, expect
+
+
+def _reverse(count):
+    return list(range(count - 1, -1, -1))
+
+
+def _shuffled(count):
+    idx = list(range(count))
+    random.Random(count).shuffle(idx)
+    return idx
+
+
+# (config, bits, M, N, K, splits, options): every config and width, M below / at / above the tile, N and K
+# not multiples of the panel (16), unit (32) or stage (BK), unaligned A (byte path), split-K in any order.
+CASES = [
+    (0, 8, 1, 64, 256, 1, {}),
+    (0, 6, 1, 64, 256, 2, {}),
+    (0, 8, 3, 40, 100, 2, {}),
+    (0, 6, 3, 40, 100, 2, {"order": _reverse}),
+    (0, 6, 16, 17, 36, 1, {}),
+    (0, 8, 17, 33, 77, 1, {}),                        # K odd: byte-wise A; two M tiles
+    (0, 6, 5, 130, 300, 3, {"order": _shuffled}),
+    (0, 8, 2, 16, 32, 1, {}),
+    (0, 6, 2, 8, 4, 1, {}),                           # N < 16 and K < 32: all canonical
+    (1, 8, 20, 33, 77, 1, {"lda": 80, "a_base": 16}),  # lda > K, aligned
+    (1, 6, 32, 48, 160, 2, {"lda": 164, "a_base": 4}),  # unaligned rows: byte path
+    (2, 6, 64, 48, 512, 4, {"order": _shuffled}),
+    (2, 8, 37, 70, 200, 2, {}),
+    (3, 8, 70, 130, 200, 2, {}),
+    (3, 6, 65, 20, 96, 1, {}),
+    (4, 6, 129, 20, 96, 1, {}),
+    (4, 8, 129, 136, 100, 2, {"order": _reverse}),
+    (0, 6, 1, 48, 256, 1, {"a_vals": (0, 64)}),     # unsigned 6-bit activations
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "cfg{}-w{}-M{}-N{}-K{}-s{}".format(*CASES[i][:6]))
+def test_emulated_kernel_accumulator_is_exact(case):
+    config, bits, m, n, k, splits, opts = CASES[case]
+    got, expect = emulate(config, bits, m, n, k, splits, **opts)
+    assert np.array_equal(got, expect)
+
+
+@pytest.mark.parametrize("config,bits,m,n,k,splits,bias", [
+    (0, 6, 1, 40, 100, 2, True), (2, 8, 33, 24, 64, 1, False), (3, 6, 70, 17, 128, 2, True)])
+def test_emulated_kernel_epilogue_matches_reference_bitwise(config, bits, m, n, k, splits, bias):
+    got, expect = emulate(config, bits, m, n, k, splits, scales=True, bias=bias)
+    assert np.array_equal(got, expect)  # same fp32 operations in the same order: identical bits
+
+
+def test_emulation_detects_a_wrong_layout(monkeypatch):
+    """The emulated kernel fails when the weights are not in the layout it expects (the test can fail)."""
+    got, expect = emulate(0, 8, 3, 32, 64, 1)
+    assert np.array_equal(got, expect)
+    monkeypatch.setattr(ops, "pack_weight", lambda q, bits: q.contiguous())  # canonical order instead
+    got, expect = emulate(0, 8, 3, 32, 64, 1)
+    assert not np.array_equal(got, expect)
+
+
+def test_emulation_detects_swapped_fragments(monkeypatch):
+    """Feeding the mma the B registers of the other n8 block is caught."""
+    orig = E.mma_s8_16832
+    calls = {"n": 0}
+
+    def swapped(d, a, b0, b1):
+        calls["n"] += 1
+        return orig(d, a, b1, b0)
+
+    monkeypatch.setattr(E, "mma_s8_16832", swapped)
+    got, expect = emulate(0, 6, 3, 32, 64, 1)
+    assert calls["n"] > 0 and not np.array_equal(got, expect)
+
+
+def test_emulator_parses_every_config():
+    configs = E.parse_configs()
+    assert sorted(configs) == list(range(5))
+    for c, (mf, wm, wn, npw, bku, stages) in configs.items():
+        t = E.traits(c, 8)
+        assert t.BM % 16 == 0 and t.BN % 16 == 0 and t.BK % 32 == 0 and stages >= 2
