@@ -1,0 +1,19 @@
+"""Calibration: RTN, BRECQ, QDrop and HDRQ block reconstruction behind one call, ``hdrq.quantize``.
+
+    import hdrq
+    cfg = hdrq.QuantConfig.preset("hdrq", w_bits=4, a_bits=4, iters=2000)
+    qmodel = hdrq.quantize(model, calib_images, cfg, source=pretrained_model)
+
+Modules: ``config`` (QuantConfig and presets), ``blocks`` (what is reconstructed together), ``cache``
+(calibration data, cached block inputs/targets), ``reconstruct`` (the optimisation loop), ``engine``
+(the pipeline).
+"""
+from .blocks import Block, find_blocks, is_residual_block, is_transformer_block, quantizable_layers
+from .cache import BlockCache, collect_calib_data
+from .config import METHODS, PRESETS, QuantConfig
+from .engine import prepare_float, quantize
+from .reconstruct import BlockReconstructor, BlockReport, finalize_layer, reconstruction_loss
+
+__all__ = ["QuantConfig", "quantize", "METHODS", "PRESETS", "Block", "find_blocks", "is_residual_block",
+           "is_transformer_block", "quantizable_layers", "BlockCache", "collect_calib_data", "prepare_float",
+           "BlockReconstructor", "BlockReport", "finalize_layer", "reconstruction_loss"]

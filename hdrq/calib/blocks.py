@@ -1,0 +1,140 @@
+"""Which modules are reconstructed together: residual blocks, transformer blocks, else single layers.
+
+The rule, applied top-down from the model's children (the first match wins, its subtree is one block):
+
+1. **Transformer block**: an ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``, or a module
+   whose class name ends in ``Layer`` or ``Block`` and that contains an attention module (a submodule
+   whose class name contains ``Attention``, e.g. Hugging Face ``BertLayer`` > ``BertAttention``,
+   ``LlamaDecoderLayer`` > ``LlamaAttention``, ``GPT2Block`` > ``GPT2Attention``).
+2. **Residual block**: a module whose own forward adds two tensors that both depend on its first input
+   along different paths: the residual branch and the shortcut (identity or a projection such as
+   torchvision's ``downsample``). It is read off a ``torch.fx`` trace of the module with every child
+   kept opaque (a leaf), so a ``Sequential`` of residual blocks is *not* itself a block (its own forward
+   adds nothing), while ``BasicBlock`` / ``Bottleneck`` / any hand-written ``x + f(x)`` module is. A
+   module that cannot be traced (data-dependent control flow) is not a residual block; its children are
+   examined instead.
+3. Quantizable layers (``nn.Conv2d`` / ``nn.Linear``) outside every block are single-layer blocks.
+
+Only modules containing at least one quantizable layer are considered, never the model itself. Users can
+name the blocks instead (``QuantConfig.blocks`` or ``hdrq.quantize(..., blocks=[...])``).
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..quant.attention import DecomposedMultiheadAttention
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+BLOCK_KINDS = ("transformer", "residual", "explicit", "layer")
+
+_TRANSFORMER_NAME = re.compile(r"(Layer|Block)$")
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One reconstruction unit: the module ``name`` and the quantizable layers (full names) inside it."""
+
+    name: str
+    kind: str
+    layers: tuple[str, ...]
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by name, in registration order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name}
+
+
+def is_transformer_block(module: nn.Module) -> bool:
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return True
+    if not _TRANSFORMER_NAME.search(type(module).__name__):
+        return False
+    return any(isinstance(m, (nn.MultiheadAttention, DecomposedMultiheadAttention))
+               or "Attention" in type(m).__name__ for m in module.modules() if m is not module)
+
+
+class _ShallowTracer(torch.fx.Tracer):
+    """Traces only the root's own forward: every submodule call stays one opaque node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _ADD_METHODS))
+
+
+def is_residual_block(module: nn.Module) -> bool:
+    """True if ``module``'s own forward adds two different tensors that both depend on its first input."""
+    try:
+        graph = _ShallowTracer().trace(module)
+    except Exception:  # data-dependent control flow, unsupported Python: not recognisable, not a block
+        return False
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return False
+    depends = {placeholders[0]}
+    for node in graph.nodes:  # topological order: one pass marks everything downstream of the input
+        if node not in depends and any(a in depends for a in node.all_input_nodes):
+            depends.add(node)
+        if _is_add(node) and len(node.args) >= 2:
+            a, b = node.args[0], node.args[1]
+            if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a is not b \
+                    and a in depends and b in depends:
+                return True
+    return False
+
+
+def _layers_under(name: str, layers: Sequence[str]) -> tuple[str, ...]:
+    prefix = name + "."
+    return tuple(l for l in layers if l == name or l.startswith(prefix))
+
+
+def find_blocks(model: nn.Module, explicit: Optional[Sequence[str]] = None) -> list[Block]:
+    """The blocks of ``model`` (see the module docstring), in registration order; every quantizable layer is
+    in exactly one. ``explicit``: module names to use as the blocks instead of the automatic detection."""
+    layers = list(quantizable_layers(model))
+    blocks: list[Block] = []
+    if explicit is not None:
+        modules = dict(model.named_modules())
+        for name in explicit:
+            if name not in modules or not name:
+                raise ValueError(f"block {name!r} is not a submodule of {type(model).__name__} "
+                                 f"(submodules: {[n for n in modules if n][:12]}...)")
+            inside = _layers_under(name, layers)
+            if not inside:
+                raise ValueError(f"block {name!r} ({type(modules[name]).__name__}) contains no nn.Conv2d / "
+                                 f"nn.Linear layer")
+            blocks.append(Block(name, "explicit", inside))
+        for a in blocks:
+            for b in blocks:
+                if a is not b and (a.name == b.name or b.name.startswith(a.name + ".")):
+                    raise ValueError(f"blocks must not overlap: {a.name!r} contains {b.name!r}")
+    else:
+        def visit(prefix: str, parent: nn.Module) -> None:
+            for child_name, child in parent.named_children():
+                name = f"{prefix}.{child_name}" if prefix else child_name
+                if isinstance(child, QUANTIZABLE) or not _layers_under(name, layers):
+                    continue
+                if is_transformer_block(child):
+                    blocks.append(Block(name, "transformer", _layers_under(name, layers)))
+                elif is_residual_block(child):
+                    blocks.append(Block(name, "residual", _layers_under(name, layers)))
+                else:
+                    visit(name, child)
+
+        visit("", model)
+    covered = {l for b in blocks for l in b.layers}
+    blocks += [Block(l, "layer", (l,)) for l in layers if l not in covered]
+    position = {l: i for i, l in enumerate(layers)}
+    return sorted(blocks, key=lambda b: min(position[l] for l in b.layers))

@@ -1,0 +1,172 @@
+"""``QuantConfig``: every knob of one calibration run, with per-method presets carrying published defaults.
+
+Method-dependent fields default to ``None`` and are filled from the method's preset in ``__post_init__``,
+so ``QuantConfig(method="qdrop")``, ``QuantConfig.preset("qdrop")`` and
+``QuantConfig(**asdict(QuantConfig(method="qdrop")))`` are the same config, and any field given
+explicitly overrides the preset. Where the defaults come from:
+
+* BRECQ (Li et al. 2021) and QDrop (Wei et al. 2022) reference code: AdaRound with the rectified sigmoid
+  (zeta 1.1, gamma -0.1), rounding regulariser weight 0.01 with beta annealed 20 -> 2 after a 20 % warm-up,
+  Adam at its default lr 1e-3 for the rounding variables, activation step sizes by LSQ with Adam 4e-5 and
+  cosine decay, 20,000 iterations per block, batch 32; BRECQ learns activation step sizes in a second
+  stage (5,000 iterations); QDrop learns them jointly and drops quantization with probability 0.5.
+* HDRQ (Shin et al., ICML 2025) reference code: continuous weights and weight step sizes learned with Adam
+  lr 1e-4, linear warm-up over the first 20 % (from 1e-3 x lr) then cosine; noise quantization for the
+  first 80 % of iterations (noise drawn from the 256-bin histogram of the actual rounding errors), then
+  hard rounding; distance term 5e-2 x sum of Frobenius norms to the source weights; per-tensor weight
+  step sizes; QDrop's drop probability 0.5.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+METHODS = ("rtn", "brecq", "qdrop", "hdrq")
+GRANULARITIES = ("tensor", "channel")
+NOISE_MODES = ("uniform", "histogram")
+CONFIG_VERSION = 1
+
+# Per-method values of the fields that default to None.
+PRESETS: dict[str, dict[str, Any]] = {
+    "rtn": dict(iters=0, act_iters=0, w_lr=0.0, a_lr=0.0, drop_prob=0.0, noise_fraction=0.0, lambda_dist=0.0),
+    "brecq": dict(iters=20000, act_iters=5000, w_lr=1e-3, a_lr=4e-5, drop_prob=0.0, noise_fraction=0.0,
+                  lambda_dist=0.0),
+    "qdrop": dict(iters=20000, act_iters=0, w_lr=1e-3, a_lr=4e-5, drop_prob=0.5, noise_fraction=0.0,
+                  lambda_dist=0.0),
+    "hdrq": dict(iters=20000, act_iters=0, w_lr=1e-4, a_lr=4e-5, drop_prob=0.5, noise_fraction=0.8,
+                 lambda_dist=5e-2),
+}
+
+
+@dataclass
+class QuantConfig:
+    """Configuration of :func:`hdrq.quantize`.
+
+    Fields left ``None`` take the method's published default (see the module docstring and ``PRESETS``).
+
+    Attributes:
+        method: "rtn" (observers only), "brecq", "qdrop" or "hdrq".
+        w_bits / a_bits: weight and activation bits (2 to 8); ``a_bits=None`` leaves activations float.
+        granularity: weight step sizes "tensor" (one per layer, as the HDRQ authors' code) or "channel"
+            (one per output channel).
+        first_last_bits: weight and input-activation bits of the first and the last quantized layer (in
+            execution order); None means the same as the others.
+        iters: reconstruction iterations per block (for brecq: the weight-rounding stage).
+        act_iters: brecq only: iterations of the second stage, which learns activation step sizes.
+        calib_batch_size: samples per iteration (and per forward pass while caching).
+        w_lr: Adam lr of the weight variables (AdaRound's rounding variables; HDRQ's weights and weight
+            step sizes). a_lr: Adam lr of the activation step sizes (cosine decay to 0).
+        warmup: share of iterations before AdaRound's rounding regulariser starts, and of HDRQ's linear lr
+            warm-up.
+        round_reg_weight / round_beta: AdaRound's regulariser weight and the (start, end) of its annealed
+            exponent.
+        drop_prob: QDrop's probability of keeping an activation element (and a block-input element) full
+            precision during reconstruction; 0 disables dropping.
+        noise_mode: "uniform" or "histogram" noise for HDRQ's noise quantization.
+        noise_fraction: share of HDRQ's iterations with noise quantization (the first
+            ``round(noise_fraction * iters)``); the rest use hard rounding with the straight-through estimator.
+        lambda_dist: weight of HDRQ's distance term ``sum_l ||W_l - W_l_source||_F``.
+        observer_p: the p of the Lp-error (MSE) observers that set the initial step sizes.
+        blocks: module names to reconstruct as blocks (overrides the automatic detection; layers outside
+            them become single-layer blocks).
+        seed: seeds batch sampling, drop masks and the per-layer quantizer noise streams.
+        device: where calibration runs (None: the model's device).
+        cache_device: where cached block inputs/targets live: None (the device when they fit in half its
+            free memory, else CPU, streamed per batch), or an explicit device such as "cpu".
+        verbose: tqdm progress bars (one per block, showing the loss).
+    """
+
+    method: str = "hdrq"
+    w_bits: int = 4
+    a_bits: Optional[int] = 4
+    granularity: str = "tensor"
+    first_last_bits: Optional[int] = 8
+    iters: Optional[int] = None
+    act_iters: Optional[int] = None
+    calib_batch_size: int = 32
+    w_lr: Optional[float] = None
+    a_lr: Optional[float] = None
+    warmup: float = 0.2
+    round_reg_weight: float = 0.01
+    round_beta: tuple[float, float] = (20.0, 2.0)
+    drop_prob: Optional[float] = None
+    noise_mode: str = "histogram"
+    noise_fraction: Optional[float] = None
+    lambda_dist: Optional[float] = None
+    observer_p: float = 2.4
+    blocks: Optional[list[str]] = None
+    seed: int = 0
+    device: Optional[str] = None
+    cache_device: Optional[str] = None
+    verbose: bool = True
+    version: int = CONFIG_VERSION
+
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, method: str, **overrides) -> "QuantConfig":
+        """The published defaults of ``method``, with ``overrides`` applied (any field)."""
+        return cls(method=method, **overrides)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"QuantConfig: method must be one of {METHODS}, got {self.method!r}")
+        for name, value in PRESETS[self.method].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.blocks is not None:
+            self.blocks = list(self.blocks)
+        self.round_beta = tuple(float(b) for b in self.round_beta)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"QuantConfig: version {self.version!r} is not supported (this is version "
+                             f"{CONFIG_VERSION})")
+        _bits("w_bits", self.w_bits)
+        if self.a_bits is not None:
+            _bits("a_bits", self.a_bits)
+        if self.first_last_bits is not None:
+            _bits("first_last_bits", self.first_last_bits)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"QuantConfig: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.noise_mode not in NOISE_MODES:
+            raise ValueError(f"QuantConfig: noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
+        for name in ("iters", "act_iters", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"QuantConfig: {name} must be a non-negative int, got {v!r}")
+        if isinstance(self.calib_batch_size, bool) or not isinstance(self.calib_batch_size, int) \
+                or self.calib_batch_size < 1:
+            raise ValueError(f"QuantConfig: calib_batch_size must be a positive int, got {self.calib_batch_size!r}")
+        for name in ("w_lr", "a_lr", "lambda_dist", "round_reg_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"QuantConfig: {name} must be a number >= 0, got {v!r}")
+        for name in ("warmup", "drop_prob", "noise_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"QuantConfig: {name} must be in [0, 1], got {v!r}")
+        if not self.observer_p > 0:
+            raise ValueError(f"QuantConfig: observer_p must be > 0, got {self.observer_p!r}")
+        if len(self.round_beta) != 2 or not all(b > 0 for b in self.round_beta):
+            raise ValueError(f"QuantConfig: round_beta must be two positive numbers (start, end), "
+                             f"got {self.round_beta!r}")
+        if self.method != "hdrq" and self.noise_fraction > 0:
+            raise ValueError(f"QuantConfig: noise_fraction applies to method 'hdrq' only, got "
+                             f"noise_fraction={self.noise_fraction} with method {self.method!r}")
+        if self.method != "hdrq" and self.lambda_dist > 0:
+            raise ValueError(f"QuantConfig: lambda_dist applies to method 'hdrq' only, got "
+                             f"lambda_dist={self.lambda_dist} with method {self.method!r}")
+        if self.blocks is not None and not all(isinstance(b, str) and b for b in self.blocks):
+            raise ValueError(f"QuantConfig: blocks must be a list of non-empty module names, got {self.blocks!r}")
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (what ``model.hdrq_config`` holds); ``QuantConfig(**d)`` rebuilds it."""
+        return dataclasses.asdict(self)
+
+
+def _bits(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+        raise ValueError(f"QuantConfig: {name} must be an int from 2 to 8, got {v!r}")
