@@ -2,8 +2,8 @@
 
 For every kernel instantiation and architecture (sm_80, sm_90a): registers, spills, stack, shared memory
 (static from ptxas, dynamic from the kernels' own TileShape), and SASS instruction counts from cuobjdump
-(IMMA / HGMMA tensor-core instructions, LDSM = ldmatrix, LDGSTS = cp.async, UTMALDG = TMA loads, LDL/STL =
-local memory, which must be zero). Also the compile time of each file. Needs nvcc and cuobjdump, no GPU.
+(IMMA = mma.sync, IGMMA = wgmma integer tensor-core instructions, LDSM = ldmatrix, LDGSTS = cp.async,
+UTMALDG = TMA tensor loads, UBLKCP = bulk copies, LDL/STL = local memory, which must be zero). Also the compile time of each file. Needs nvcc and cuobjdump, no GPU.
 
     python bench/gemm_resources.py            # writes bench/gemm_resources.md
 """
@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = [("sm_80", "-gencode=arch=compute_80,code=sm_80"), ("sm_90a", "-gencode=arch=compute_90a,code=sm_90a")]
-SASS_OPS = ["IMMA", "HGMMA", "LDSM", "LDGSTS", "UTMALDG", "LDL", "STL"]
+SASS_OPS = ["IMMA", "IGMMA", "LDSM", "LDGSTS", "UTMALDG", "UBLKCP", "LDL", "STL"]
 
 DRIVER = r"""
 #include <cstdio>
@@ -33,6 +33,10 @@ int main() {
       hdrq::TileShape s = hdrq::mma_tile_shape(c, bits);
       std::printf("mma %d %d %d %d %d %d %d\n", c, bits, s.bm, s.bn, s.bk, s.threads, s.smem_bytes);
     }
+  for (int bits : {8, 6}) {
+    hdrq::TileShape s = hdrq::wgmma_tile_shape(bits);
+    std::printf("wgmma 0 %d %d %d %d %d %d\n", bits, s.bm, s.bn, s.bk, s.threads, s.smem_bytes);
+  }
   return 0;
 }
 """
@@ -75,6 +79,9 @@ def kernel_label(mangled: str, names: dict) -> str:
     if m:
         bits, *rest = (int(x) for x in m.groups())
         return f"mma {names.get(tuple(rest), rest)} w{bits}"
+    m = re.search(r"gemm_wgmma_kernelILi(\d+)E", mangled)
+    if m:
+        return f"wgmma 128x128 w{m.group(1)}"
     return mangled
 
 
@@ -122,7 +129,7 @@ def main():
                     func = m.group(1)
                     continue
                 if func:
-                    m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+                    m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
                     if m:
                         op = m.group(1)
                         for want in SASS_OPS:
@@ -139,12 +146,11 @@ def main():
         with open(drv, "w") as f:
             f.write(DRIVER)
         exe = os.path.join(tmp, "drv")
-        mma_obj = next(o for o in objs if o.endswith("gemm_mma.cu.o"))
-        sh(["nvcc", "-std=c++17", "-I", CSRC, drv, mma_obj, "-o", exe])
+        sh(["nvcc", "-std=c++17", "-I", CSRC, drv, *objs, "-o", exe])
         shapes = {}
         for line in sh([exe]).splitlines():
-            _, c, bits, bm, bn, bk, threads, smem = line.split()
-            shapes[(int(c), int(bits))] = (int(bm), int(bn), int(bk), int(threads), int(smem))
+            kind, c, bits, bm, bn, bk, threads, smem = line.split()
+            shapes[(kind, int(c), int(bits))] = (int(bm), int(bn), int(bk), int(threads), int(smem))
 
     header = os.popen("nvcc --version | tail -2 | head -1").read().strip()
     out = ["## GEMM kernels: compile-time resources", "",
@@ -156,11 +162,12 @@ def main():
            "|" + "---|" * (7 + len(SASS_OPS))]
     for r in rows:
         out.append("| " + " | ".join(str(v) for v in r) + " |")
-    out += ["", "Tile configurations (mma.sync kernel, `csrc/gemm_mma.cu`):", "",
-            "| config | w_bits | BM | BN | BK | threads | dynamic smem (bytes) |", "|---|---|---|---|---|---|---|"]
+    out += ["", "Tile configurations (`csrc/gemm_mma.cu`, `csrc/gemm_wgmma.cu`):", "",
+            "| kernel | config | w_bits | BM | BN | BK | threads | dynamic smem (bytes) |", "|---|---|---|---|---|---|---|---|"]
     cfg_names = ["Decode16", "Decode32", "Decode64", "Tile64", "Tile128"]
-    for (c, bits), (bm, bn, bk, threads, smem) in sorted(shapes.items()):
-        out.append(f"| {cfg_names[c] if c < len(cfg_names) else c} | {bits} | {bm} | {bn} | {bk} | {threads} | {smem} |")
+    for (kind, c, bits), (bm, bn, bk, threads, smem) in sorted(shapes.items()):
+        name = (cfg_names[c] if c < len(cfg_names) else c) if kind == "mma" else "persistent, 4 stages"
+        out.append(f"| {kind} | {name} | {bits} | {bm} | {bn} | {bk} | {threads} | {smem} |")
     out += ["", "Compile time on this machine (`nvcc -O3`, sm_80 + sm_90a, one file at a time): " +
             ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items()) + f" ({os.cpu_count()} CPU cores).", ""]
     path = os.path.join(ROOT, "bench", "gemm_resources.md")

@@ -31,8 +31,10 @@ CASES = [
     ("mma", 8, 129, 136, 200, 2),
     ("mma", 6, 70, 17, 64, 1),
     ("mma", 6, 300, 260, 256, 1),
+    ("wgmma", 8, 200, 272, 544, 1),  # Hopper only: ragged last tiles in M, N and K
+    ("wgmma", 6, 130, 144, 288, 1),
 ]
-SMALL = [c for c in CASES if c[2] <= 129 and c[4] <= 300]
+SMALL = [c for c in CASES if c[2] <= 130 and c[4] <= 300]
 
 
 def main() -> int:
@@ -42,7 +44,11 @@ def main() -> int:
     import hdrq._cuda as hc
 
     failures = 0
+    hopper = torch.cuda.get_device_capability() == (9, 0)
     for path, bits, m, n, k, splits in SMALL if args.small else CASES:
+        if path == "wgmma" and not hopper:
+            print(f"wgmma w{bits}: skipped (not an sm_90 GPU)")
+            continue
         hc.DISPATCH = dataclasses.replace(hc.DISPATCH, decode_blocks_per_sm=64.0, mma_blocks_per_sm=64.0,
                                           max_partial_fraction=1e9, max_splits=splits, min_k_tiles_per_split=1)
         lo, hi = (-128, 128) if bits == 8 else (-32, 32)

@@ -66,6 +66,12 @@ TileShape mma_tile_shape(int config, int w_bits);
 // launch error (cudaSuccess on success). The caller checks shapes, alignment and workspace capacity.
 cudaError_t launch_gemm_mma(const GemmArgs& args, int config, cudaStream_t stream);
 
+// ---- wgmma kernel (sm_90a only; csrc/gemm_wgmma.cu) ----------------------------------------------
+// 128 x 128 tiles, persistent; needs N % 16 == 0, K % 32 == 0, A rows 16-byte aligned, splits == 1.
+TileShape wgmma_tile_shape(int w_bits);
+bool wgmma_supports(const GemmArgs& args);
+cudaError_t launch_gemm_wgmma(const GemmArgs& args, cudaStream_t stream);
+
 // Split-K counters the workspace must provide per concurrent stream (one per output tile).
 constexpr int64_t kSplitKCounters = 1 << 16;
 

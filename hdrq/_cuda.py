@@ -10,20 +10,23 @@ Kernel paths (``csrc/gemm_mma.cu``):
 
 * ``decode``: M <= 64 (one M tile of 16, 32 or 64 rows), a weight stream with split-K;
 * ``mma``: any M, 64x128 or 128x128 tiles of ``mma.sync`` (sm_80 and up);
-* ``wgmma``: the Hopper large-M path (part 2 of the GEMM work; not built yet, so never chosen).
+* ``wgmma``: Hopper (sm_90a) large M, ``csrc/gemm_wgmma.cu``: TMA + warpgroup ``wgmma``, 128x128 tiles,
+  persistent; needs N % 16 == 0, K % 32 == 0 and 16-byte aligned A rows (else ``mma`` runs).
 
 The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma``, read on every call
 so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in one place).
 A forced path that cannot take the inputs raises ``hdrq.ops.Unsupported`` (the reference runs, with a
-warning), never a wrong answer. :data:`PATH_CALLS` counts the launches per path (tests check that a forced
+warning), never a wrong answer. Before ``auto`` first sends a call to ``wgmma`` on a device, it checks that
+kernel once against the ``mma`` kernel on a small problem with ragged tiles (one host sync, outside any
+CUDA-graph capture) and keeps it off that device, with a warning, if they disagree. :data:`PATH_CALLS` counts the launches per path (tests check that a forced
 path really ran).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -33,7 +36,7 @@ from . import _C  # noqa: F401  (loads the library: registers the hdrq_C ops)
 from . import ops
 
 PATHS = ("auto", "decode", "mma", "wgmma")
-_CXX_PATH = {"decode": 0, "mma": 0}  # both are the mma.sync kernel (hdrq_C path 0), different tiles
+_CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1}  # decode and mma: the mma.sync kernel, different tiles
 # Config indices of hdrq_C path 0 (csrc/gemm.h, MmaConfig)
 _DECODE_CONFIGS = ((16, 0), (32, 1), (64, 2))  # (max M, config)
 _TILE64, _TILE128 = 3, 4
@@ -47,8 +50,14 @@ class GemmDispatch:
 
     decode_max_m: int = 64
     """M <= this: the decode path (weights streamed once; M padded to 16, 32 or 64 rows)."""
-    wgmma_min_m: Optional[int] = None
-    """Hopper: M >= this takes the wgmma path. None until that path exists and its tests pass."""
+    wgmma_min_m: Optional[int] = dataclasses.field(
+        default_factory=lambda: int(os.environ["HDRQ_WGMMA_MIN_M"]) if os.environ.get("HDRQ_WGMMA_MIN_M") else None)
+    """Hopper: M >= this may take the wgmma path under ``auto``. None (the default, env ``HDRQ_WGMMA_MIN_M``
+    unset): never, until the wgmma kernel's GPU tests have passed on the target machine; it was written and
+    checked without a GPU. The bench reports both paths at M > 64 to choose the crossover (~128 expected)."""
+    wgmma_min_waves: float = 0.9
+    """... and only when its 128x128 tiles fill at least this fraction of the SMs (else mma's smaller tiles
+    keep more of the GPU busy)."""
     decode_blocks_per_sm: float = 2.0
     """Decode split-K aims at this many blocks per SM (enough weight bytes in flight to saturate HBM)."""
     mma_blocks_per_sm: float = 1.0
@@ -122,24 +131,31 @@ def _splits(m: int, n: int, k: int, w_bits: int, bm: int, bn: int, bk: int, sms:
 
 
 def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = "auto",
-         dispatch: Optional[GemmDispatch] = None) -> Plan:
-    """The kernel, tiles and split-K that ``int_matmul`` uses for these sizes on ``device``.
-    Raises :class:`hdrq.ops.Unsupported` for a path that cannot take them."""
+         dispatch: Optional[GemmDispatch] = None, a_aligned: bool = True) -> Plan:
+    """The kernel, tiles and split-K that ``int_matmul`` uses for these sizes on ``device`` (``a_aligned``:
+    the rows of A start on 16-byte boundaries). Raises :class:`hdrq.ops.Unsupported` for a path that cannot
+    take them."""
     d = dispatch or DISPATCH
     cc, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
     if cc < 80:
         raise ops.Unsupported(f"the GEMM kernels need sm_80 or newer, got compute capability {cc // 10}.{cc % 10}")
     if path not in PATHS:
         raise ValueError(f"HDRQ_GEMM_PATH must be one of {PATHS}, got {path!r}")
+    wgmma_ok = cc == 90 and n % 16 == 0 and k % 32 == 0 and a_aligned
     if path == "auto":
         if m <= d.decode_max_m:
             path = "decode"
-        elif d.wgmma_min_m is not None and cc == 90 and m >= d.wgmma_min_m:
+        elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m
+              and _cdiv(m, 128) * _cdiv(n, 128) >= d.wgmma_min_waves * sms and _wgmma_verified(device)):
             path = "wgmma"
         else:
             path = "mma"
     if path == "wgmma":
-        raise ops.Unsupported("the wgmma (Hopper large-M) GEMM path is not built")
+        if not wgmma_ok:
+            raise ops.Unsupported(f"the wgmma path needs an sm_90 GPU, N % 16 == 0, K % 32 == 0 and 16-byte aligned "
+                                  f"A rows; got compute capability {cc // 10}.{cc % 10}, N={n}, K={k}")
+        bm, bn, bk = tile_info(1, 0, w_bits)[:3]
+        return Plan("wgmma", 0, 1, bm, bn, bk)
     if path == "decode":
         config = next((c for top, c in _DECODE_CONFIGS if m <= top), _DECODE_CONFIGS[-1][1])
         blocks_per_sm = d.decode_blocks_per_sm
@@ -152,6 +168,76 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
         raise ops.Unsupported(f"M = {m} needs more than 65535 row tiles of {bm}")
     splits = _splits(m, n, k, w_bits, bm, bn, bk, sms, blocks_per_sm, d)
     return Plan(path, config, splits, bm, bn, bk)
+
+
+# ---------------------------------------------------------------------------------------- wgmma check
+
+_WGMMA_VERIFIED: dict[int, bool] = {}
+
+
+_CHECK_SHAPES = ((200, 272, 544), (2048, 2048, 512))  # ragged last tiles; more tiles than SMs (persistence)
+
+
+def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1]) -> Optional[str]:
+    """None if the wgmma kernel reproduces the mma kernel's int32 accumulator exactly on ``shapes`` for
+    both weight widths, else what went wrong. Syncs the host."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    for m, n, k in shapes:
+        for bits in (8, 6):
+            lim = 128 if bits == 8 else 32
+            q = torch.randint(-lim, lim, (n, k), dtype=torch.int8, device=device, generator=gen)
+            w = ops.pack_weight(q, bits)
+            a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device, generator=gen)
+            ones = torch.ones(n, dtype=torch.float32, device=device)
+            got = torch.empty((m, n), dtype=torch.int32, device=device)
+            want = torch.empty_like(got)
+            try:
+                int_gemm_out(got, a, ones[:1], w, ones, None, bits, path="wgmma")
+                int_gemm_out(want, a, ones[:1], w, ones, None, bits, path="mma")
+                same = torch.equal(got, want)
+            except Exception as e:  # a launch failure is reported, not raised: mma still works
+                return f"{type(e).__name__}: {e}"
+            if not same:
+                bad = (got != want).sum().item()
+                return f"{bad} of {m * n} accumulators differ from mma.sync at (M, N, K) = ({m}, {n}, {k}), {bits}-bit"
+    return None
+
+
+def _wgmma_verified(device: torch.device) -> bool:
+    """Whether the wgmma kernel agrees with the mma kernel on this device (checked once, exactly, on a
+    problem with a partial last tile in M, N and K, for both weight widths). Inside a CUDA-graph capture an
+    unchecked device counts as not verified (the check needs a host sync), so the capture uses mma."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _WGMMA_VERIFIED:
+        return _WGMMA_VERIFIED[index]
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    why = _wgmma_mismatch(torch.device("cuda", index))
+    if why is not None:
+        warnings.warn(f"hdrq: the wgmma GEMM failed its first-use check on cuda:{index} ({why}); using the "
+                      f"mma.sync kernels there", RuntimeWarning)
+    _WGMMA_VERIFIED[index] = why is None
+    return why is None
+
+
+def wgmma_canary(timeout: float = 180.0) -> tuple[bool, str]:
+    """Run the wgmma kernel against the mma kernel in a *separate process* (so a kernel that faults or hangs
+    cannot take the caller's CUDA context down): (passed, its output). For tests and benchmarks, which run
+    this before they launch the wgmma kernel in-process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, hdrq._cuda as c\n"
+            "cc = torch.cuda.get_device_capability()\n"
+            "if cc != (9, 0): print(f'not an sm_90 GPU: {cc}'); sys.exit(3)\n"
+            "why = c._wgmma_mismatch(torch.device('cuda', 0), c._CHECK_SHAPES)\n"
+            "torch.cuda.synchronize()\n"
+            "print(why or 'wgmma == mma on every check shape'); sys.exit(0 if why is None else 1)\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"the wgmma check did not finish in {timeout:.0f} s (a hang)"
+    return r.returncode == 0, (r.stdout + r.stderr).strip()[-2000:]
 
 
 # ---------------------------------------------------------------------------------------- workspace
@@ -227,7 +313,8 @@ def int_gemm_out(out: Tensor, a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: 
     for name, t in (("a_scale", a_scale), ("w_scale", w_scale), ("bias", bias)):
         if t is not None and not t.is_contiguous():
             raise ops.Unsupported(f"{name} must be contiguous, got strides {tuple(t.stride())}")
-    pl = plan(m, n, k, w_bits, a_q.device, path or _current_path())
+    a_aligned = a_q.stride(0) % 16 == 0 and a_q.data_ptr() % 16 == 0
+    pl = plan(m, n, k, w_bits, a_q.device, path or _current_path(), a_aligned=a_aligned)
     splits = pl.splits
     counters = partials = _empty_int32(a_q.device)
     if splits > 1:

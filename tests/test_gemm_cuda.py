@@ -18,7 +18,7 @@ from hdrq import reference as ref
 
 pytestmark = pytest.mark.cuda
 
-KERNEL_PATHS = ["decode", "mma"]
+KERNEL_PATHS = ["decode", "mma", "wgmma"]
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,35 @@ def cuda_backend():
     return cuda_mod
 
 
+@pytest.fixture(scope="module")
+def wgmma_canary(cuda_backend):
+    """The wgmma kernel checked first in a separate process (a kernel that faults or hangs must not take
+    this process's CUDA context, and so every other test, down with it). None: not an sm_90 GPU."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return None
+    ok, log = cuda_backend.wgmma_canary()
+    if not ok:
+        cuda_backend._WGMMA_VERIFIED[torch.cuda.current_device()] = False  # keep auto dispatch off it
+    return ok, log
+
+
 @pytest.fixture
-def force_path(monkeypatch, cuda_backend):
+def force_path(monkeypatch, cuda_backend, wgmma_canary):
     def force(path):
+        if path == "wgmma":
+            if wgmma_canary is None:
+                pytest.skip("the wgmma path needs an sm_90 (Hopper) GPU")
+            ok, log = wgmma_canary
+            if not ok:
+                pytest.fail(f"the wgmma kernel failed its out-of-process check:\n{log}")
         monkeypatch.setenv("HDRQ_GEMM_PATH", path)
         return cuda_backend.PATH_CALLS[path]
     return force
+
+
+def takes(path, n, k):
+    """Whether a forced path runs these sizes (wgmma: N % 16 == 0 and K % 32 == 0; else it falls back)."""
+    return path != "wgmma" or (n % 16 == 0 and k % 32 == 0)
 
 
 def weights(n, k, bits, device="cuda"):
@@ -62,13 +85,18 @@ def test_accumulator_exact(force_path, path, bits, m, n, k):
     before = force_path(path)
     q, w = weights(n, k, bits)
     a = acts(m, k)
-    got = ops.int_matmul_int32(a, w, w_bits=bits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warning, for sizes a forced path does not take
+        got = ops.int_matmul_int32(a, w, w_bits=bits)
     assert got.dtype == torch.int32
     assert torch.equal(got, ref.int_matmul_acc(a, q))
-    assert force_path(path) == before + 1, f"the {path} kernel did not run"
+    if takes(path, n, k):
+        assert force_path(path) == before + 1, f"the {path} kernel did not run"
+    else:
+        assert force_path(path) == before, f"the {path} kernel ran on sizes it does not support"
 
 
-@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("path", ["decode", "mma"])
 def test_odd_k_and_unaligned_rows(force_path, path):
     """8-bit weights with odd K (A rows not 16-byte aligned: the byte-wise loader), and A as a strided view."""
     before = force_path(path)
@@ -109,13 +137,16 @@ def _ulps_ok(got, want_fp32, dtype):
     return torch.allclose(got.float(), want_fp32, rtol=eps, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", KERNEL_PATHS)
+OUT_SHAPES = [(3, 272, 1028), (129, 200, 640), (300, 272, 640)]
+
+
+@pytest.mark.parametrize("path,m,n,k", [(p, *s) for p in KERNEL_PATHS for s in OUT_SHAPES if takes(p, *s[1:])])
 @pytest.mark.parametrize("bits", [6, 8])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("per_token,bias_dtype", [(True, None), (False, torch.bfloat16), (True, torch.float32),
                                                   (True, torch.float16)])
-@pytest.mark.parametrize("m,n,k", [(3, 272, 1028), (129, 200, 640)])
-def test_outputs_poisoned(cuda_backend, path, bits, out_dtype, per_token, bias_dtype, m, n, k):
+def test_outputs_poisoned(cuda_backend, force_path, path, bits, out_dtype, per_token, bias_dtype, m, n, k):
+    force_path(path)
     q, w = weights(n, k, bits)
     a = acts(m, k)
     a_scale = (torch.rand(m if per_token else 1, device="cuda") + 0.05) / 2000
@@ -131,11 +162,12 @@ def test_outputs_poisoned(cuda_backend, path, bits, out_dtype, per_token, bias_d
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)
-def test_int32_output_poisoned(cuda_backend, path):
-    q, w = weights(300, 520, 6)
-    a = acts(70, 520)
-    out = torch.full((70, 300), -0x5A5A5A5B, dtype=torch.int32, device="cuda")
-    ones = torch.ones(300, device="cuda")
+def test_int32_output_poisoned(cuda_backend, force_path, path):
+    force_path(path)
+    q, w = weights(304, 544, 6)
+    a = acts(70, 544)
+    out = torch.full((70, 304), -0x5A5A5A5B, dtype=torch.int32, device="cuda")
+    ones = torch.ones(304, device="cuda")
     cuda_backend.int_gemm_out(out, a, ones[:1], w, ones, None, 6, path=path)
     assert torch.equal(out, ref.int_matmul_acc(a, q))
 
@@ -152,7 +184,7 @@ def test_strided_output_rows(cuda_backend):
     assert big[:, 0].isnan().all() and big[:, 38:].isnan().all()
 
 
-@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("path", ["decode", "mma"])
 @pytest.mark.parametrize("splits_wanted", [2, 3, 7, 16])
 def test_split_k(cuda_backend, monkeypatch, path, splits_wanted):
     """Force many K splits (the last split to arrive sums the partials, then leaves the counters zero)."""
@@ -188,8 +220,9 @@ def test_concurrent_streams(cuda_backend):
         assert torch.equal(o, wnt.float())
 
 
-@pytest.mark.parametrize("m", [1, 16, 300])
-def test_cuda_graph_capture(cuda_backend, m):
+@pytest.mark.parametrize("m,path", [(1, "auto"), (16, "auto"), (300, "auto"), (300, "wgmma")])
+def test_cuda_graph_capture(cuda_backend, force_path, m, path):
+    force_path(path)
     q, w = weights(4096, 4096, 6)
     a = acts(m, 4096)
     a_scale = torch.rand(m, device="cuda") + 0.1
@@ -236,14 +269,30 @@ def test_opcheck_cuda(cuda_backend):
             (out, a, torch.rand(1, device="cuda"), w, torch.rand(40, device="cuda"), None, ws, ws, 6, 0, 0, 1))
 
 
-def test_auto_dispatch_uses_kernels(cuda_backend, monkeypatch):
+def test_auto_dispatch_uses_kernels(cuda_backend, wgmma_canary, monkeypatch):
     monkeypatch.delenv("HDRQ_GEMM_PATH", raising=False)
-    for m, path in [(1, "decode"), (64, "decode"), (65, "mma"), (2048, "mma")]:
+    for m, expect in [(1, "decode"), (64, "decode"), (65, "mma"), (2048, None)]:
+        path = cuda_backend.plan(m, 256, 256, 8, torch.device("cuda")).path
+        assert expect is None or path == expect
         before = cuda_backend.PATH_CALLS[path]
         q, w = weights(256, 256, 8)
         a = acts(m, 256)
         assert torch.equal(ops.int_matmul_int32(a, w, w_bits=8), ref.int_matmul_acc(a, q))
         assert cuda_backend.PATH_CALLS[path] == before + 1
+
+
+def test_auto_dispatch_to_wgmma(cuda_backend, force_path, monkeypatch):
+    """With a crossover set, auto sends large M to wgmma (after its first-use check) on Hopper only."""
+    force_path("wgmma")
+    monkeypatch.setenv("HDRQ_GEMM_PATH", "auto")
+    monkeypatch.setattr(cuda_backend, "DISPATCH", dataclasses.replace(cuda_backend.DISPATCH, wgmma_min_m=128))
+    monkeypatch.setattr(cuda_backend, "_WGMMA_VERIFIED", {})
+    before = cuda_backend.PATH_CALLS["wgmma"]
+    q, w = weights(2048, 1024, 6)
+    a = acts(2048, 1024)
+    assert torch.equal(ops.int_matmul_int32(a, w, w_bits=6), ref.int_matmul_acc(a, q))
+    assert cuda_backend._WGMMA_VERIFIED[torch.cuda.current_device()] is True
+    assert cuda_backend.PATH_CALLS["wgmma"] >= before + 1 + 2  # the first-use check ran it too
 
 
 def test_unsupported_inputs_fall_back_to_reference(cuda_backend, monkeypatch):
@@ -253,11 +302,15 @@ def test_unsupported_inputs_fall_back_to_reference(cuda_backend, monkeypatch):
     with pytest.warns(RuntimeWarning, match="unit stride"):
         got = ops.int_matmul_int32(a, w, w_bits=8)
     assert torch.equal(got, ref.int_matmul_acc(a, q))
+    # a forced path that cannot take the sizes falls back too (wgmma: K % 32 != 0, or not an sm_90 GPU)
     monkeypatch.setenv("HDRQ_GEMM_PATH", "wgmma")
+    before = cuda_backend.PATH_CALLS["wgmma"]
+    q2, w2 = weights(64, 100, 8)
+    a2 = acts(4, 100)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = ops.int_matmul_int32(acts(4, 128), w, w_bits=8)
-    assert got.shape == (4, 64)
+        got = ops.int_matmul_int32(a2, w2, w_bits=8)
+    assert torch.equal(got, ref.int_matmul_acc(a2, q2)) and cuda_backend.PATH_CALLS["wgmma"] == before
 
 
 def test_public_op_matches_reference_backend(cuda_backend):

@@ -1,0 +1,401 @@
+// W8A8 / W6A6 GEMM for large M on Hopper (sm_90a): warpgroup wgmma (s8 x s8 -> s32) fed by TMA, a
+// warp-specialised producer/consumer pipeline and a persistent grid. Same result as gemm_mma.cu (gemm.h).
+//
+// Block: 3 warpgroups, 384 threads, output tile 128 x 128, K step 128 (4 wgmma.m64n128k32 per stage and
+// consumer), 4 shared-memory stages, grid = min(tiles, SMs) walking tiles blockIdx.x, +gridDim.x, ...
+// (M fastest, so the CTAs of one wave share weight tiles in L2).
+//  * warpgroup 0, producer. A (activations): one TMA 2D load per stage, 128 rows x 128 bytes, 128-byte
+//    swizzle (the canonical K-major layout wgmma reads; rows past M and columns past K arrive as zeros).
+//    B (weights): the pack_weight units of one k-unit and 8 consecutive panels are contiguous in global
+//    memory and are exactly the wgmma canonical K-major *no-swizzle* layout (8 x 16-byte core matrices:
+//    K-adjacent ones 128 bytes apart, N-adjacent 8-row groups 256 bytes apart), so 8-bit weights go by
+//    4 bulk copies per stage, no reordering. 6-bit weights: the producer's 128 threads cp.async the packed
+//    units (3 planes) into a staging ring two stages ahead, then expand them (expand6: masks and shifts,
+//    4*w per byte) into the same 4-plane layout, fence the generic->async proxy and arrive.
+//  * warpgroups 1 and 2, consumers: rows 0-63 and 64-127 of the tile; per stage wait `full`, issue 4
+//    wgmma (A: 128B-swizzle descriptor advanced 32 bytes per k32; B: no-swizzle descriptor LBO 128,
+//    SBO 256), keep one wgmma group in flight and release the previous stage (`empty`). Epilogue from
+//    registers (6-bit: acc >> 2), overlapping the producer's loads of the next tile.
+// Requirements (checked by the host; other shapes use gemm_mma.cu): N % 16 == 0, K % 32 == 0, A rows
+// 16-byte aligned (TMA), so every B unit is whole and no edge path is needed.
+#include <cstdint>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include "gemm.h"
+#include "gemm_device.cuh"
+
+namespace hdrq {
+// Not an anonymous namespace: these are used only in the sm_90a pass, and internal-linkage helpers would
+// draw "declared but never referenced" warnings in the sm_80 pass.
+namespace wgmma_detail {
+
+constexpr int kBM = 128, kBN = 128, kBK = 128, kStages = 4, kThreads = 384;
+constexpr int kBKU = kBK / layout::kUnitK;                // 4 k-units per stage
+constexpr int kPanels = kBN / layout::kPanelRows;         // 8 panels per tile
+constexpr int kAStageBytes = kBM * kBK;                   // 16 KB
+constexpr int kBStageBytes = kBKU * kPanels * 4 * layout::kPlaneBytes;  // 16 KB (int8, 4 planes)
+constexpr int kLookahead = 2;                             // 6-bit: staging copies run this many stages ahead
+constexpr int kSlots = kLookahead + 1;
+constexpr int kStagingBytes = kBKU * kPanels * 3 * layout::kPlaneBytes;  // 12 KB of packed 6-bit units
+constexpr int kItems = kBKU * kPanels * 8;  // 16-byte quads per plane per stage (6-bit)
+static_assert(kItems % 128 == 0, "every producer thread expands the same number of quads");
+
+constexpr int smem_bytes(int bits) {
+  return 1024 /* alignment slack: 128B-swizzled TMA tiles need 1024-byte aligned stages */ +
+         kStages * (kAStageBytes + kBStageBytes) + (bits == 6 ? kSlots * kStagingBytes : 0);
+}
+
+// ---- PTX wrappers (sm_90a) ------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+// Wait until the phase of parity `parity` has completed. A watchdog, not a timeout: a pipeline that never
+// completes (a bug) traps after ~2^26 polls (seconds; every legitimate wait here is microseconds), so a
+// broken kernel fails with a launch error instead of hanging the process.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  for (uint32_t polls = 0;; ++polls) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (polls == (1u << 26)) __trap();
+  }
+}
+
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+      "[%4];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_addr(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ uint4 ld_shared_v4(const void* smem) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_addr(smem))
+               : "memory");
+  return v;
+}
+
+// wgmma matrix descriptor: start address, leading / stride byte offsets (16-byte units), layout type
+// (0: no swizzle, 1: 128-byte swizzle), base offset 0 (stages are 1024-byte aligned).
+__device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t lbo, uint32_t sbo, uint32_t layout_type) {
+  const uint32_t a = smem_addr(p);
+  return uint64_t((a & 0x3FFFF) >> 4) | (uint64_t((lbo & 0x3FFFF) >> 4) << 16) |
+         (uint64_t((sbo & 0x3FFFF) >> 4) << 32) | (uint64_t(layout_type) << 62);
+}
+
+// Keeps the compiler from moving accumulator accesses across the asynchronous wgmma.
+__device__ __forceinline__ void fence_operands(int32_t (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+__device__ __forceinline__ void wgmma_s8_m64n128k32(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+      "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+// ---- the kernel -------------------------------------------------------------------------------------
+
+struct TileIndex {
+  int m0, n0, kt;
+};
+
+// The (tile, k-tile) of this CTA's f-th pipeline step.
+__device__ inline TileIndex step_of(int f, int kt_total, int m_tiles) {
+  const int tile = blockIdx.x + (f / kt_total) * gridDim.x;
+  return TileIndex{(tile % m_tiles) * kBM, (tile / m_tiles) * kBN, f % kt_total};
+}
+
+}  // namespace wgmma_detail
+
+namespace {
+using namespace wgmma_detail;
+
+template <int BITS>
+__global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tmap_a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ __align__(8) uint64_t full_bar[kStages];   // producer -> consumers: stage loaded
+  __shared__ __align__(8) uint64_t empty_bar[kStages];  // consumers -> producer: stage read
+
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* sA = smem;
+  uint8_t* sB = sA + kStages * kAStageBytes;
+  uint8_t* staging = sB + kStages * kBStageBytes;
+
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+  const int lane = tid & 31;
+  const int m_tiles = ceil_div(p.m, kBM);
+  const int num_tiles = m_tiles * ceil_div(p.n, kBN);
+  const int kt_total = ceil_div(p.k, kBK);
+  const int my_tiles = int(blockIdx.x) < num_tiles ? (num_tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1 : 0;
+  const int steps = my_tiles * kt_total;
+  const int full_panels = p.n / layout::kPanelRows;
+  const int full_units = p.k / layout::kUnitK;
+  const layout::Geometry geo = layout::geometry(BITS, p.n, p.k);
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full_bar[s], BITS == 8 ? 1 : 128);
+      mbar_init(&empty_bar[s], 8);  // lane 0 of each consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ================================ producer ================================
+    if (BITS == 8) {
+      if (tid != 0) return;
+      for (int f = 0; f < steps; ++f) {
+        const int s = f % kStages;
+        mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
+        const TileIndex ti = step_of(f, kt_total, m_tiles);
+        const int p0 = ti.n0 / layout::kPanelRows;
+        const int panels = min(kPanels, full_panels - p0);
+        const int units = min(kBKU, full_units - ti.kt * kBKU);
+        mbar_arrive_expect_tx(&full_bar[s], kAStageBytes + units * panels * 4 * layout::kPlaneBytes);
+        tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
+        for (int ku = 0; ku < units; ++ku)
+          bulk_load(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes,
+                    p.w + layout::unit_offset(8, geo, ti.kt * kBKU + ku, p0), panels * 4 * layout::kPlaneBytes,
+                    &full_bar[s]);
+      }
+    } else {
+      // Thread t copies (and later expands) items t and t + 128: item = (unit, 16-byte quad of lanes).
+      auto issue = [&](int f) {
+        const TileIndex ti = step_of(f, kt_total, m_tiles);
+        const int p0 = ti.n0 / layout::kPanelRows;
+        uint8_t* slot = staging + (f % kSlots) * kStagingBytes;
+#pragma unroll
+        for (int i = 0; i < kItems / 128; ++i) {
+          const int item = tid + i * 128;
+          const int unit = item / 8, quad = item % 8;
+          const int u = ti.kt * kBKU + unit / kPanels, pn = p0 + unit % kPanels;
+          if (u < full_units && pn < full_panels) {
+            const uint8_t* src = p.w + layout::unit_offset(6, geo, u, pn) + quad * 16;
+#pragma unroll
+            for (int q = 0; q < 3; ++q) cp_async16(slot + (item * 3 + q) * 16, src + q * layout::kPlaneBytes);
+          }
+        }
+      };
+#pragma unroll
+      for (int d = 0; d < kLookahead; ++d) {
+        if (d < steps) issue(d);
+        cp_async_commit();
+      }
+      for (int f = 0; f < steps; ++f) {
+        if (f + kLookahead < steps) issue(f + kLookahead);
+        cp_async_commit();
+        cp_async_wait<kLookahead>();  // this thread's copies of step f have landed
+        const int s = f % kStages;
+        mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
+        const TileIndex ti = step_of(f, kt_total, m_tiles);
+        const int p0 = ti.n0 / layout::kPanelRows;
+        const uint8_t* slot = staging + (f % kSlots) * kStagingBytes;
+#pragma unroll
+        for (int i = 0; i < kItems / 128; ++i) {
+          const int item = tid + i * 128;
+          const int unit = item / 8, quad = item % 8;
+          const int u = ti.kt * kBKU + unit / kPanels, pn = p0 + unit % kPanels;
+          if (u < full_units && pn < full_panels) {
+            const uint4 q0 = ld_shared_v4(slot + (item * 3 + 0) * 16);
+            const uint4 q1 = ld_shared_v4(slot + (item * 3 + 1) * 16);
+            const uint4 q2 = ld_shared_v4(slot + (item * 3 + 2) * 16);
+            uint32_t rx[4], ry[4], rz[4], rw[4];
+            expand6(q0.x, q1.x, q2.x, rx);
+            expand6(q0.y, q1.y, q2.y, ry);
+            expand6(q0.z, q1.z, q2.z, rz);
+            expand6(q0.w, q1.w, q2.w, rw);
+            uint8_t* dst = sB + s * kBStageBytes + unit * 4 * layout::kPlaneBytes + quad * 16;
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              st_shared_v4(dst + c * layout::kPlaneBytes, make_uint4(rx[c], ry[c], rz[c], rw[c]));
+          }
+        }
+        // The expanded planes were written by the generic proxy; wgmma reads through the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if (tid == 0) {
+          mbar_arrive_expect_tx(&full_bar[s], kAStageBytes);
+          tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
+        } else {
+          mbar_arrive(&full_bar[s]);
+        }
+      }
+      cp_async_wait<0>();
+    }
+    return;
+  }
+
+  // ================================ consumers ================================
+  const int c = wg - 1;                // rows 64c .. 64c+63 of the tile
+  const int w = (tid % 128) / 32;      // warp within the warpgroup: rows 16w .. 16w+15
+  const int g = lane >> 2, t = lane & 3;
+  const int out_bytes = (p.out_kind == kOutBF16 || p.out_kind == kOutFP16) ? 2 : 4;
+  const bool pair_ok = (p.ldo % 2) == 0 && reinterpret_cast<uintptr_t>(p.out) % (2 * out_bytes) == 0;
+  int32_t acc[64];
+  int f = 0;
+  for (int i = 0; i < my_tiles; ++i) {
+    const TileIndex ti = step_of(f, kt_total, m_tiles);
+#pragma unroll
+    for (int r = 0; r < 64; ++r) acc[r] = 0;
+    int prev = -1;
+    for (int kt = 0; kt < kt_total; ++kt, ++f) {
+      const int s = f % kStages;
+      mbar_wait(&full_bar[s], (f / kStages) & 1);
+      fence_operands(acc);
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+      for (int ku = 0; ku < kBKU; ++ku) {
+        const uint64_t da = smem_desc(sA + s * kAStageBytes + c * 64 * kBK + ku * 32, 16, 1024, 1);
+        const uint64_t db = smem_desc(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes,
+                                      layout::kPlaneBytes, 2 * layout::kPlaneBytes, 0);
+        wgmma_s8_m64n128k32(acc, da, db);
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // the previous stage's group is done
+      fence_operands(acc);
+      if (prev >= 0 && lane == 0) mbar_arrive(&empty_bar[prev]);
+      prev = s;
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fence_operands(acc);
+    if (lane == 0) mbar_arrive(&empty_bar[prev]);
+
+    // accumulator j*4 + r: row 16w + g + 8*(r >> 1), column 8j + 2t + (r & 1) of this warpgroup's 64 x 128
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        int32_t v0 = acc[4 * j + 2 * hr], v1 = acc[4 * j + 2 * hr + 1];
+        if (BITS == 6) {
+          v0 >>= 2;
+          v1 >>= 2;
+        }
+        store_pair(p, ti.m0 + 64 * c + 16 * w + g + 8 * hr, ti.n0 + 8 * j + 2 * t, v0, v1, pair_ok);
+      }
+  }
+#endif
+}
+
+// ---- host ---------------------------------------------------------------------------------------
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+template <int BITS>
+cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
+  auto encode = encode_fn();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  // A: 2-D uint8 tensor {K (contiguous), M}, row stride lda bytes; box 128 x 128 with 128-byte swizzle.
+  CUtensorMap tmap;
+  const cuuint64_t dims[2] = {cuuint64_t(args.k), cuuint64_t(args.m)};
+  const cuuint64_t strides[1] = {cuuint64_t(args.lda)};
+  const cuuint32_t box[2] = {kBK, kBM};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(&tmap, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(args.a), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  auto kernel = gemm_wgmma_kernel<BITS>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(BITS));
+  if (err != cudaSuccess) return err;
+  const int tiles = ceil_div(args.m, kBM) * ceil_div(args.n, kBN);
+  kernel<<<tiles < sms ? tiles : sms, kThreads, smem_bytes(BITS), stream>>>(args, tmap);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+TileShape wgmma_tile_shape(int w_bits) {
+  if (w_bits != 6 && w_bits != 8) return TileShape{0, 0, 0, 0, 0};
+  return TileShape{kBM, kBN, kBK, kThreads, smem_bytes(w_bits)};
+}
+
+bool wgmma_supports(const GemmArgs& a) {
+  return (a.w_bits == 6 || a.w_bits == 8) && a.n % layout::kPanelRows == 0 && a.k % layout::kUnitK == 0 &&
+         a.lda % 16 == 0 && reinterpret_cast<uintptr_t>(a.a) % 16 == 0 && a.splits == 1;
+}
+
+cudaError_t launch_gemm_wgmma(const GemmArgs& args, cudaStream_t stream) {
+  if (!wgmma_supports(args)) return cudaErrorInvalidValue;
+  // The sm_80 build of this kernel is empty: refuse anything but compute capability 9.0.
+  int device = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
+  if (major != 9 || minor != 0) return cudaErrorNotSupported;
+  return args.w_bits == 8 ? launch<8>(args, stream) : launch<6>(args, stream);
+}
+
+}  // namespace hdrq

@@ -1,0 +1,193 @@
+"""CPU emulation of csrc/gemm_wgmma.cu: what its producer puts in shared memory and what its wgmma reads.
+
+Mirrors the kernel's index math (step -> tile, TMA box coordinates, bulk-copy sources, the 6-bit staging
+items and their expansion, descriptor start addresses, epilogue indices) and emulates the hardware from
+its definitions, independently of the kernel:
+
+* TMA with CU_TENSOR_MAP_SWIZZLE_128B: box row r, byte x lands at r*128 + ((x//16) ^ (r%8))*16 + x%16 of a
+  1024-byte aligned tile; out-of-bounds elements are zero.
+* wgmma shared-memory operands, K-major, as CuTe's make_gmma_desc documents them (units of 16 bytes):
+  no swizzle  ((8,n),2):((1,SBO),LBO);   128B swizzle  Swizzle<3,4,3> o ((8,n),2):((8,SBO),1),
+  the swizzle applied to the byte address (bits 4-6 ^= bits 7-9).
+* the m64nNk32 s32 accumulator layout, CuTe's CLayout_64xN:
+  ((4,8,4),(2,2,N/8)):((128,1,16),(64,8,512)) over (M 64, N) column-major.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+import gemm_emulator as E
+
+SRC = (E.CSRC / "gemm_wgmma.cu").read_text()
+
+
+def _const(name: str) -> int:
+    m = re.search(rf"\b{name} = (\d+)", SRC)
+    assert m, name
+    return int(m.group(1))
+
+
+BM, BN, BK, STAGES = _const("kBM"), _const("kBN"), _const("kBK"), _const("kStages")
+LOOKAHEAD = int(re.search(r"kLookahead = (\d+)", SRC).group(1))
+BKU, PANELS = BK // 32, BN // 16
+A_STAGE, B_STAGE = BM * BK, BKU * PANELS * 512
+SLOTS = LOOKAHEAD + 1
+STAGING = BKU * PANELS * 384
+ITEMS = BKU * PANELS * 8
+
+# descriptor parameters the kernel uses (parsed, so the emulation follows the source)
+_A_DESC = re.search(r"smem_desc\(sA \+ s \* kAStageBytes \+ c \* 64 \* kBK \+ ku \* 32, (\d+), (\d+), (\d)\)", SRC)
+A_LBO, A_SBO, A_LAYOUT = (int(x) for x in _A_DESC.groups())
+_B_DESC = re.search(r"smem_desc\(sB \+ s \* kBStageBytes \+ ku \* kPanels \* 4 \* layout::kPlaneBytes,\s*"
+                    r"layout::kPlaneBytes, 2 \* layout::kPlaneBytes, (\d)\)", SRC)
+B_LBO, B_SBO, B_LAYOUT = 128, 256, int(_B_DESC.group(1))
+
+
+def swizzle128(offset: np.ndarray) -> np.ndarray:
+    """Swizzle<3,4,3> on byte offsets from a 1024-byte aligned base."""
+    return offset ^ (((offset >> 7) & 7) << 4)
+
+
+def tma_tile_sw128(a: np.ndarray, m: int, k: int, row0: int, col0: int) -> np.ndarray:
+    """The 1024-aligned shared tile a 2-D TMA load (box BK bytes x BM rows, 128B swizzle) writes."""
+    tile = np.zeros(BM * BK, dtype=np.uint8)
+    r = np.arange(BM)[:, None]
+    x = np.arange(BK)[None, :]
+    rows, cols = row0 + r, col0 + x
+    ok = (rows < m) & (cols < k)
+    vals = np.where(ok, a[np.minimum(rows, m - 1), np.minimum(cols, k - 1)].view(np.uint8), 0)
+    tile[swizzle128(r * BK + x).reshape(-1)] = vals.reshape(-1)
+    return tile
+
+
+def read_operand(smem: np.ndarray, start: int, rows: int, lbo: int, sbo: int, layout: int) -> np.ndarray:
+    """[rows, 32] int8 matrix a K-major wgmma operand descriptor (k32 of 8-bit elements) reads."""
+    r = np.arange(rows)[:, None]
+    kk = np.arange(32)[None, :]
+    if layout == 0:      # ((8,n),2):((1,SBO),LBO) in 16-byte units
+        off = start + (r % 8) * 16 + (r // 8) * sbo + (kk // 16) * lbo + kk % 16
+    else:                # Swizzle<3,4,3> o ((8,n),2):((8,SBO),1)
+        assert layout == 1
+        off = swizzle128(start + (r % 8) * 128 + (r // 8) * sbo + (kk // 16) * 16 + kk % 16)
+    return smem[off].view(np.int8).astype(np.int64)
+
+
+def acc_coords(n: int = BN):
+    """(row, col) of accumulator register v of thread T (0..127) of m64nNk32, from CuTe's CLayout_64xN."""
+    T = np.arange(128)[:, None]
+    v = np.arange(n // 2)[None, :]
+    t4, g8, w4 = T % 4, (T // 4) % 8, T // 32
+    v0, v1, v2 = v % 2, (v // 2) % 2, v // 4
+    idx = 128 * t4 + 1 * g8 + 16 * w4 + 64 * v0 + 8 * v1 + 512 * v2  # column-major over (64, n)
+    return idx % 64, idx // 64
+
+
+@dataclass
+class Problem:
+    a: np.ndarray  # int8 [M, K]
+    w: np.ndarray  # uint8 pack_weight bytes
+    m: int
+    n: int
+    k: int
+    bits: int
+
+
+def step_of(f, kt_total, m_tiles, bx, grid):
+    tile = bx + (f // kt_total) * grid
+    return (tile % m_tiles) * BM, (tile // m_tiles) * BN, f % kt_total
+
+
+def produce_b_8bit(P: Problem, n0: int, kt: int, stage: np.ndarray) -> None:
+    geo = E.geometry(8, P.n, P.k)
+    p0 = n0 // 16
+    panels = min(PANELS, geo.full_panels - p0)
+    units = min(BKU, geo.full_units - kt * BKU)
+    assert panels >= 1 and units >= 1
+    for ku in range(units):
+        src = E.unit_offset(8, geo, kt * BKU + ku, p0)
+        nbytes = panels * 512
+        assert src % 16 == 0 and nbytes % 16 == 0 and src + nbytes <= len(P.w)
+        dst = ku * PANELS * 512
+        stage[dst: dst + nbytes] = P.w[src: src + nbytes]
+
+
+def produce_b_6bit(P: Problem, n0: int, kt: int, stage: np.ndarray, staging: np.ndarray) -> None:
+    """The 128 producer threads: cp.async of the packed quads into a staging slot, then expand6 into B."""
+    geo = E.geometry(6, P.n, P.k)
+    p0 = n0 // 16
+    for tid in range(128):
+        for i in range(ITEMS // 128):
+            item = tid + i * 128
+            unit, quad = item // 8, item % 8
+            u, pn = kt * BKU + unit // PANELS, p0 + unit % PANELS
+            if u < geo.full_units and pn < geo.full_panels:
+                src = E.unit_offset(6, geo, u, pn) + quad * 16
+                for q in range(3):
+                    assert (src + q * 128) % 16 == 0
+                    staging[(item * 3 + q) * 16: (item * 3 + q + 1) * 16] = P.w[src + q * 128: src + q * 128 + 16]
+    for tid in range(128):
+        for i in range(ITEMS // 128):
+            item = tid + i * 128
+            unit, quad = item // 8, item % 8
+            u, pn = kt * BKU + unit // PANELS, p0 + unit % PANELS
+            if u < geo.full_units and pn < geo.full_panels:
+                qs = [staging[(item * 3 + q) * 16: (item * 3 + q + 1) * 16].view("<u4").astype(np.uint32)
+                      for q in range(3)]
+                regs = E.expand6(*qs)  # per lane of the quad: 4 planes
+                dst = unit * 512 + quad * 16
+                for c in range(4):
+                    stage[dst + c * 128: dst + c * 128 + 16] = regs[c].astype("<u4").view(np.uint8)
+
+
+def run_kernel(P: Problem, grid: int) -> np.ndarray:
+    assert P.n % 16 == 0 and P.k % 32 == 0, "the wgmma path needs N % 16 == 0 and K % 32 == 0"
+    m_tiles = E.cdiv(P.m, BM)
+    num_tiles = m_tiles * E.cdiv(P.n, BN)
+    kt_total = E.cdiv(P.k, BK)
+    out = np.full((P.m, P.n), np.int32(-0x5A5A5A5B), dtype=np.int32)
+    rows, cols = acc_coords()
+    for bx in range(min(grid, num_tiles)):
+        my_tiles = (num_tiles - 1 - bx) // grid + 1 if bx < num_tiles else 0
+        sB = np.full(B_STAGE, 0xC3, dtype=np.uint8)  # stale bytes where nothing is copied
+        staging = np.zeros(STAGING, dtype=np.uint8)
+        f = 0
+        for _ in range(my_tiles):
+            m0, n0, _kt = step_of(f, kt_total, m_tiles, bx, grid)
+            acc = np.zeros((2, BM // 2, BN), dtype=np.int64)  # per consumer warpgroup: 64 x BN
+            for kt in range(kt_total):
+                mm0, nn0, kk = step_of(f, kt_total, m_tiles, bx, grid)
+                assert (mm0, nn0, kk) == (m0, n0, kt)
+                sA = tma_tile_sw128(P.a, P.m, P.k, m0, kt * BK)
+                if P.bits == 8:
+                    produce_b_8bit(P, n0, kt, sB)
+                else:
+                    produce_b_6bit(P, n0, kt, sB, staging)
+                for c in range(2):
+                    for ku in range(BKU):
+                        A = read_operand(sA, c * 64 * BK + ku * 32, 64, A_LBO, A_SBO, A_LAYOUT)
+                        B = read_operand(sB, ku * PANELS * 512, BN, B_LBO, B_SBO, B_LAYOUT)
+                        acc[c] += A @ B.T
+                f += 1
+            for c in range(2):
+                # registers of thread T of warpgroup c, then the kernel's epilogue indices
+                d = acc[c][rows, cols]  # [128, 64]
+                for T in range(128):
+                    w, lane = T // 32, T % 32
+                    g, t = lane >> 2, lane & 3
+                    for j in range(BN // 8):
+                        for hr in range(2):
+                            v = d[T, [4 * j + 2 * hr, 4 * j + 2 * hr + 1]]
+                            m = m0 + 64 * c + 16 * w + g + 8 * hr
+                            n = n0 + 8 * j + 2 * t
+                            if P.bits == 6:
+                                # columns past N hold stale shared memory (never stored); the others are 4*acc
+                                assert not (m < P.m and n < P.n) or np.all(v[: 1 + (n + 1 < P.n)] % 4 == 0)
+                                v = v >> 2
+                            if m < P.m and n < P.n:
+                                out[m, n] = v[0]
+                                if n + 1 < P.n:
+                                    out[m, n + 1] = v[1]
+    return out
