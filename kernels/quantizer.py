@@ -40,8 +40,8 @@ Bytes and FLOPs per element (the roofline; floors at 3017 GB/s, ../shared/ANCHOR
 Exactness
 ---------
 ``v = x * (1/s)`` with an IEEE reciprocal (``div_rn``); round half to even with the 1.5 * 2**23 trick on
-``v`` clamped to ``[qmin - 1, qmax + 1]`` (NaN-propagating clamps, so NaN inputs give NaN like the
-reference); kernels are launched with FMA contraction off (``runtime.LAUNCH_OPTIONS``) so ``x + s*u``
+``v`` clamped to ``[qmin - 1, qmax + 1]``, the sign copied back (round(-0.3) = -0.0); clamps compare and
+select like torch.clamp on the CPU (NaN passes through, -0.0 is not below 0); kernels are launched with FMA contraction off (``runtime.LAUNCH_OPTIONS``) so ``x + s*u``
 rounds twice like the reference. ``ds`` is a sum: it is reproducible run to run (per-program partial sums,
 then a fixed-order second pass, no float atomics) but not bit-equal to torch's summation order.
 """
@@ -65,6 +65,18 @@ U_MAX = ref.U_MAX
 # Largest BLOCK (elements per program). 4096 elements = 16 KB of fp32 per program: 16 elements per thread
 # at 8 warps, four (fp32) or two (bf16) 16-byte loads in flight per thread. bench/bench_quant.py sweeps it.
 MAX_BLOCK = 4096
+# Smaller channels get the smallest of these that holds them. Few sizes = few compiled variants: a model
+# has layers of many sizes, and each (BLOCK, layout, mode, dtype) is a separate Triton compilation.
+BLOCK_SIZES = (256, 1024)
+
+
+def block_size(n: int, max_block: Optional[int] = None) -> int:
+    """Elements per program for ``n`` elements per channel (a power of two, at least 16)."""
+    cap = max_block or MAX_BLOCK
+    for b in BLOCK_SIZES:
+        if n <= b:
+            return min(b, cap)
+    return cap
 assert HIST_BINS == 256  # the binary search below is unrolled for 256 bins
 
 
@@ -75,17 +87,23 @@ assert HIST_BINS == 256  # the binary search below is unrolled for 256 bins
 
 @triton.jit
 def _rint(v):
-    # Round half to even for |v| <= 2**22: adding 1.5 * 2**23 moves v into [2**23, 2**24), where the fp32
-    # spacing is 1, so the IEEE add itself rounds to the nearest integer (ties to even); the subtraction
-    # is exact. NaN stays NaN. (libdevice rint would do too, but this runs unchanged in the interpreter.)
-    return (v + 12582912.0) - 12582912.0
+    """Round half to even, like torch.round, for |v| <= 2**22 (callers clamp first); NaN stays NaN.
+
+    Adding 1.5 * 2**23 to |v| moves it into [2**23, 2**24), where the fp32 spacing is 1, so the IEEE add
+    itself rounds to the nearest integer (ties to even) and the subtraction is exact. The sign is then
+    copied back bit for bit, so round(-0.3) is -0.0 as in torch. (libdevice rint would be one instruction
+    but does not run in the interpreter.)"""
+    a = (tl.abs(v) + 12582912.0) - 12582912.0
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (a.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _clamp(v, lo, hi):
-    # NaN-propagating (the reference's torch.clamp keeps NaN); PTX min/max.NaN on sm_80+.
-    v = tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL)
-    return tl.minimum(v, hi, propagate_nan=tl.PropagateNan.ALL)
+    # torch.clamp on the CPU, exactly: compare and select, so NaN passes through (comparisons are false)
+    # and -0.0 stays -0.0 against a bound of 0 (unsigned grids: round(-0.3) = -0.0 is not below 0).
+    # min/max instructions would return +0.0 there.
+    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
 
 
 @triton.jit
@@ -481,7 +499,7 @@ def plan(shape, axis: Optional[int], element_size: int, max_block: Optional[int]
         aligned = inner % vec == 0
         layout = 1 if outer == 1 else (2 if aligned else 3)
     plane = outer * inner
-    block = min(max_block or MAX_BLOCK, max(runtime.next_pow2(plane), vec))
+    block = block_size(plane, max_block)
     num_warps = max(1, min(8, block // (vec * 64)))
     return LaunchPlan(channels, plane, inner, (channels - 1) * inner, block, vec, layout, aligned, num_warps,
                       runtime.needs_int64(numel))
@@ -601,7 +619,7 @@ def uniform_noise(shape, seed, device):
     out = runtime.alloc(shape, torch.float32, torch.device(device))
     if n == 0:
         return out
-    block = min(MAX_BLOCK, max(runtime.next_pow2(n), 4))
+    block = block_size(n)
     with runtime.device_guard(out):
         _uniform_kernel[(triton.cdiv(n, block),)](out, seed, n, BLOCK=block, IDX64=runtime.needs_int64(n),
                                                   num_warps=max(1, min(8, block // 256)),

@@ -143,6 +143,16 @@ def test_hot_kernels_vectorised_without_layout_conversion(asm, name):
     assert "convert_layout" not in ttgir, "the Philox lanes should be joined in registers"
 
 
+@pytest.mark.parametrize("name", ["hot-fp32-fwd-hard", "hot-bf16-bwd-hard", "per-token-one-pass"])
+def test_rounding_and_reciprocal_survive_compilation(asm, name):
+    """The round-half-even trick (+/- 1.5 * 2**23) must not be folded away, and 1/s must be an IEEE division."""
+    ptx = asm[name]["ptx"]
+    assert re.search(r"add\.rn\.f32\s+%r\w+, %r\w+, 0f4B400000", ptx), "|v| + 1.5*2**23 was folded away"
+    assert re.search(r"(add\.rn\.f32\s+%r\w+, %r\w+, 0fCB400000|sub\.rn\.f32\s+%r\w+, %r\w+, 0f4B400000)",
+                     ptx), "the - 1.5*2**23 was folded away"
+    assert "div.rn.f32" in ptx and "div.approx" not in ptx and "rcp.approx" not in ptx
+
+
 def test_histogram_uses_integer_atomics_only(asm):
     ptx = asm["hist-counts"]["ptx"]
     assert re.search(r"\b(?:red|atom)\.global[.a-z]*\.add\.u32", ptx)

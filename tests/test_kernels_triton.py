@@ -65,10 +65,20 @@ def rand_scale(shape, axis, seed=1, device=DEVICE):
     return (s.reshape(()) if axis is None else s).to(device)
 
 
-def assert_same(a, b):
-    """Bitwise equality, NaN == NaN, with a readable message."""
+def assert_same(a, b, zeros_equal=False):
+    """Bit-for-bit equality (so -0.0 != 0.0); any NaN matches any NaN (payloads differ across devices).
+
+    ``zeros_equal``: +0.0 matches -0.0, for comparisons with the reference run on CUDA tensors, whose
+    torch.clamp returns +0.0 for clamp(-0.0, min=0) where the CPU's (the definition) returns -0.0."""
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
-    same = (a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b
+    if a.is_floating_point() and zeros_equal:
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    elif a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        nan = torch.isnan(a)
+        same = (a.contiguous().view(bits) == b.contiguous().view(bits)) | (nan & torch.isnan(b))
+    else:
+        same = a == b
     if not bool(same.all()):
         bad = (~same).nonzero()[:4].tolist()
         raise AssertionError(f"{int((~same).sum())} of {a.numel()} elements differ, e.g. at {bad}: "
@@ -231,7 +241,7 @@ def test_non_finite_inputs_follow_the_reference():
         assert_same(kq.noise_fake_quant_backward(g, x, s, 4, signed, None, 9, "uniform")[0],
                     ref.noise_fake_quant_backward(g, x, s, 4, signed, None, 9, "uniform")[0])
     # round half to even at the ties, and bf16 rounding to nearest even on the way out
-    x = torch.tensor([0.25, 0.75, -0.25, -0.75, 1.25, 3.75, -3.75], device=DEVICE)
+    x = torch.tensor([0.25, 0.75, -0.25, -0.75, 1.25, 3.75, -3.75, -0.1, -0.0], device=DEVICE)
     assert_same(kq.fake_quant(x, s, 4, True, None), ref.fake_quant(x, s, 4, True, None))
     xb = (torch.arange(-300, 300, device=DEVICE) * 0.0137).bfloat16()
     assert_same(kq.fake_quant(xb, torch.tensor(0.0031, device=DEVICE), 8, True, None),
@@ -433,30 +443,64 @@ def test_opcheck_on_triton_backend():
                 test_utils=("test_schema", "test_faketensor"))
 
 
-# ---------------------------------------------------------------------------------------------- GPU, large
-
-LARGE = [((4096, 4096), 0), ((8192, 1024), None), ((1000, 4097), 0), ((64, 256, 3, 3), 0), ((33, 65, 129), 1)]
+# ---------------------------------------------------------------------------------------------- GPU
+# The GPU check runs only the tests marked cuda, so these repeat the interpreter's cases on the GPU and add
+# large shapes. Each (dtype, layout, BLOCK, mode) is a separate Triton compilation (about a second), so the
+# matrix is chosen to cover every layout and mode with few variants.
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape,axis", LARGE, ids=[str(s) for s, _ in LARGE])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_large_shapes(shape, axis, dtype):
+def test_cuda_small_cases():
+    """The interpreter's CASES on the GPU (one chunk per channel), bit for bit against the reference on the
+    CPU: QDrop with histogram noise (both Philox streams, the histogram pass) and hard fake_quant (the
+    rounding and clamps), every layout."""
+    for shape, axis, bits, signed, max_block in CASES:
+        if max_block:
+            continue
+        x, s, g = rand_x(shape, device="cpu"), rand_scale(shape, axis, device="cpu"), rand_x(shape, seed=7,
+                                                                                               device="cpu")
+        for kind in ("qdrop_histogram", "hard"):
+            y = run_quantizer(kind, x.cuda(), s.cuda(), bits, signed, axis)
+            dx, ds = kernel_backward(kind, g.cuda(), x.cuda(), s.cuda(), bits, signed, axis)
+            hdrq.set_backend("reference")
+            assert_same(y.cpu(), run_quantizer(kind, x, s, bits, signed, axis))
+            hdrq.set_backend("triton")
+            rdx, rds = reference_backward(kind, g, x, s, bits, signed, axis)
+            assert_same(dx.cpu(), rdx)
+            assert_ds_close(ds.cpu(), rds, ds_terms(kind, g, x, s, bits, signed, axis))
+
+
+# (shape, axis, dtype, kinds): a weight per channel in every mode; a per-tensor activation; odd shapes
+LARGE = [
+    ((4096, 4096), 0, torch.float32, ("hard", "uniform", "histogram", "qdrop_uniform")),
+    ((4096, 4096), 0, torch.bfloat16, ("hard", "uniform", "histogram", "qdrop_uniform")),
+    ((8192, 1024), None, torch.float32, ("uniform",)),
+    ((8192, 1024), None, torch.bfloat16, ("hard", "uniform")),
+    ((1000, 4097), 0, torch.bfloat16, ("uniform",)),  # unaligned Philox lanes, many masked tails
+    ((64, 256, 3, 3), 0, torch.float16, ("qdrop_histogram",)),
+    ((33, 65, 129), 1, torch.float32, ("hard", "uniform")),  # one division per element
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,axis,dtype,kinds", LARGE, ids=[f"{s}-{a}-{str(d)[6:]}" for s, a, d, _ in LARGE])
+def test_cuda_large_shapes(shape, axis, dtype, kinds):
     x = rand_x(shape, dtype, device="cuda")
     s = rand_scale(shape, axis, device="cuda")
     g = rand_x(shape, dtype, seed=7, device="cuda")
-    for kind in ("hard", "uniform", "histogram", "qdrop_uniform"):
+    for kind in kinds:
         y = run_quantizer(kind, x, s, 4, True, axis)
         hdrq.set_backend("reference")
-        assert_same(y, run_quantizer(kind, x, s, 4, True, axis))
+        assert_same(y, run_quantizer(kind, x, s, 4, True, axis), zeros_equal=True)
         hdrq.set_backend("triton")
-    for kind, fn, args in (("hard", kq.fake_quant_backward, ()),
-                           ("uniform", kq.noise_fake_quant_backward, (1234, "uniform")),
-                           ("histogram", kq.noise_fake_quant_backward, (1234, "histogram"))):
-        dx, ds = fn(g, x, s, 4, True, axis, *args)
+        if kind == "qdrop_uniform":
+            continue  # its backward is the uniform one plus the mask, covered by the small cases
+        dx, ds = kernel_backward(kind, g, x, s, 4, True, axis)
         rdx, rds = reference_backward(kind, g, x, s, 4, True, axis)
-        assert_same(dx, rdx)
-        assert_ds_close(ds, rds, g.double() * 8)
+        assert_same(dx, rdx, zeros_equal=True)
+        assert_ds_close(ds, rds, ds_terms(kind, g, x, s, 4, True, axis))
+        ds2 = kernel_backward(kind, g, x, s, 4, True, axis)[1]
+        assert_same(ds, ds2)  # reproducible run to run
 
 
 @pytest.mark.cuda
@@ -466,21 +510,40 @@ def test_cuda_per_token_and_noise_large():
     rq, rsc = ref.quantize_per_token(x, 8)
     assert_same(q, rq)
     assert_same(sc, rsc)
+    x = rand_x((77, 20000), torch.float32, device="cuda")  # two-pass rows
+    for bits in (6, 8):
+        q, sc = ops.quantize_per_token(x, bits=bits)
+        rq, rsc = ref.quantize_per_token(x, bits)
+        assert_same(q, rq)
+        assert_same(sc, rsc)
     u = ops.uniform_noise([4099, 4097], 2**40 + 7, "cuda")
     assert_same(u, ref.uniform_noise([4099, 4097], 2**40 + 7, "cuda"))
+    # the statistics of the in-kernel noise on a large sample
+    u = ops.uniform_noise([1 << 24], 5, "cuda").double()
+    n = u.numel()
+    assert u.min() >= -0.5 and u.max() < 0.5
+    assert abs(float(u.mean())) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(float(u.var()) - 1 / 12) < 5 * math.sqrt(1 / 180 / n)
+    for lag in (1, 2, 3, 4):
+        c = float(torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1])
+        assert abs(c) < 5 / math.sqrt(n), (lag, c)
 
 
 @pytest.mark.cuda
-def test_cuda_no_host_sync_and_current_stream():
+def test_cuda_no_host_sync_and_side_stream():
+    """The wrappers never sync the host and launch on the current stream."""
     x = rand_x((2048, 2048), device="cuda")
     s = rand_scale((2048, 2048), 0, device="cuda")
+    expect = ref.noise_fake_quant(x, s, 4, True, 0, 1, "histogram")
+    torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the kernels' wrappers raises
+        torch.cuda.set_sync_debug_mode("error")  # a host sync inside the wrappers raises
         try:
-            y = ops.noise_fake_quant(x, s, bits=4, axis=0, seed=1)
+            y = ops.noise_fake_quant(x, s, bits=4, axis=0, seed=1, mode="histogram")
             dx, ds = kq.noise_fake_quant_backward(x, x, s, 4, True, 0, 1, "uniform")
+            q, sc = ops.quantize_per_token(x, bits=8)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     stream.synchronize()
-    assert_same(y, ref.noise_fake_quant(x, s, 4, True, 0, 1, "uniform"))
+    assert_same(y, expect, zeros_equal=True)
