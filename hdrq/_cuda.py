@@ -62,9 +62,9 @@ class GemmDispatch:
     """Decode split-K aims at this many blocks per SM (enough weight bytes in flight to saturate HBM)."""
     mma_blocks_per_sm: float = 1.0
     """General path: split K only while the output tiles fill fewer than this many blocks per SM."""
-    max_partial_fraction: float = 0.125
-    """Split-K moves 8 bytes (write + read) per output element per split: at most this fraction of the
-    weight bytes, so partial sums never cost the decode stream much."""
+    max_partial_fraction: float = 0.25
+    """Split-K moves 8 bytes (write + read, mostly in L2) per output element per split: at most this
+    fraction of the weight bytes, so partial sums never cost the decode stream much."""
     max_splits: int = 16
     min_k_tiles_per_split: int = 2
     partials_per_stream: int = 1 << 21

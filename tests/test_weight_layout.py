@@ -224,3 +224,73 @@ def test_emulator_parses_every_config():
     for c, (mf, wm, wn, npw, bku, stages) in configs.items():
         t = E.traits(c, 8)
         assert t.BM % 16 == 0 and t.BN % 16 == 0 and t.BK % 32 == 0 and stages >= 2
+
+
+# ------------------------------------------------------------------------------------------------ CUDA glue on CPU
+
+_GLUE_SCRIPT = r'''
+import sys, types, re, pathlib, torch
+sys.path.insert(0, {tests!r})
+import gemm_emulator as E
+# Stand-in for the extension: the hdrq_C schemas, gemm_info from the CUDA sources' own tile constants.
+sys.modules["hdrq._C"] = types.ModuleType("hdrq._C")
+lib = torch.library.Library("hdrq_C", "DEF")
+lib.define("int_gemm(Tensor(a!) out, Tensor a_q, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, "
+           "Tensor(b!) counters, Tensor(c!) partials, int w_bits, int path, int config, int splits) -> ()")
+lib.define("gemm_info(int path, int config, int w_bits) -> int[]")
+def gemm_info(path, config, w_bits):
+    if path == 1:
+        return [128, 128, 128, 384, 0, 1 << 16]
+    t = E.traits(config, w_bits)
+    return [t.BM, t.BN, t.BK, t.threads, t.STAGES * t.stage_bytes, 1 << 16]
+lib.impl("gemm_info", gemm_info, "CompositeExplicitAutograd")
+import hdrq._cuda as c
+from hdrq import ops
+c._device_info = lambda index: (90, 132)
+dev = torch.device("cuda", 0)
+out = {{}}
+for m, n, k, bits in [(1, 4096, 4096, 6), (1, 14336, 4096, 8), (16, 4096, 4096, 6), (16, 4096, 14336, 8),
+                      (33, 4096, 4096, 8), (64, 4096, 4096, 6), (65, 4096, 4096, 8), (256, 4096, 4096, 6),
+                      (2048, 4096, 4096, 8), (8192, 14336, 4096, 6), (1, 8, 4, 6)]:
+    p = c.plan(m, n, k, bits, dev)
+    out[(m, n, k, bits)] = (p.path, p.bm, p.bn, p.splits)
+for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
+    try:
+        out[("wgmma", m, n, k)] = c.plan(m, n, k, 8, dev, "wgmma").path
+    except ops.Unsupported as e:
+        out[("wgmma", m, n, k)] = "unsupported"
+c._device_info = lambda index: (80, 108)
+try:
+    c.plan(4096, 4096, 4096, 8, dev, "wgmma")
+except ops.Unsupported:
+    out["a100-wgmma"] = "unsupported"
+out["a100-auto"] = c.plan(4096, 4096, 4096, 8, dev).path
+assert ops._IMPLS["cuda"]["int_matmul"] is c.int_matmul and ops._IMPLS["cuda"]["int_matmul_int32"] is c.int_matmul_int32
+print(repr(out))
+'''
+
+
+def test_cuda_glue_plans_on_cpu():
+    """hdrq/_cuda.py imports and plans (paths, tiles, split-K) with a stand-in for the compiled extension."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    script = _GLUE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("HDRQ_GEMM_PATH", "HDRQ_WGMMA_MIN_M")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+    assert out[(1, 4096, 4096, 6)] == ("decode", 16, 64, 5)       # 64 tiles: split K to ~2 blocks per SM
+    assert out[(1, 14336, 4096, 8)] == ("decode", 16, 64, 2)
+    assert out[(16, 4096, 4096, 6)][:3] == ("decode", 16, 64) and 1 < out[(16, 4096, 4096, 6)][3] <= 5
+    assert out[(33, 4096, 4096, 8)][:3] == ("decode", 64, 64)
+    assert out[(64, 4096, 4096, 6)][:3] == ("decode", 64, 64)
+    assert out[(65, 4096, 4096, 8)][0] == "mma" and out[(256, 4096, 4096, 6)][0] == "mma"
+    assert out[(2048, 4096, 4096, 8)] == ("mma", 128, 128, 1)       # wgmma stays off until enabled
+    assert out[(1, 8, 4, 6)] == ("decode", 16, 64, 1)
+    assert out[("wgmma", 2048, 4096, 4096)] == "wgmma"
+    assert out[("wgmma", 2048, 4104, 4096)] == "unsupported"       # N % 16
+    assert out[("wgmma", 2048, 4096, 4100)] == "unsupported"       # K % 32
+    assert out["a100-wgmma"] == "unsupported" and out["a100-auto"] == "mma"
