@@ -36,11 +36,21 @@ MS = [1, 16, 64, 256, 2048, 8192]
 L2_ROTATE_BYTES = 150 * 2**20  # weight copies cycled per graph: three times an H100's 50 MB L2
 
 
+_STREAM = []
+
+
+def _warmup_stream() -> torch.cuda.Stream:
+    """One side stream for every warm-up (each new stream would take another split-K workspace slot)."""
+    if not _STREAM:
+        _STREAM.append(torch.cuda.Stream())
+    return _STREAM[0]
+
+
 def graph_time_us(make_call, copies: int, reps: int) -> float:
     """Median microseconds per call of ``make_call(i)`` (call i uses weight copy i % copies), captured as a
     CUDA graph of ``reps`` calls."""
     calls = [make_call(i % copies) for i in range(reps)]
-    s = torch.cuda.Stream()
+    s = _warmup_stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up outside the capture (workspaces, cuBLAS handles, autotuning)
         for c in calls[: min(reps, copies)]:

@@ -73,6 +73,6 @@ bool wgmma_supports(const GemmArgs& args);
 cudaError_t launch_gemm_wgmma(const GemmArgs& args, cudaStream_t stream);
 
 // Split-K counters the workspace must provide per concurrent stream (one per output tile).
-constexpr int64_t kSplitKCounters = 1 << 16;
+constexpr int64_t kSplitKCounters = 1 << 13;
 
 }  // namespace hdrq

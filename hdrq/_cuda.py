@@ -69,8 +69,9 @@ class GemmDispatch:
     min_k_tiles_per_split: int = 2
     partials_per_stream: int = 1 << 21
     """int32 elements of the split-K partial buffer per stream (8 MiB); larger needs fall back to fewer splits."""
-    counter_slots: int = 16
-    """Streams per device that can run split-K at once (each needs its own zeroed counters)."""
+    counter_slots: int = 64
+    """Streams per device that can run split-K (each needs its own zeroed counters, 32 KB; a stream beyond
+    these runs without split-K: correct, slower at small M)."""
 
 
 DISPATCH = GemmDispatch()

@@ -238,11 +238,12 @@ lib = torch.library.Library("hdrq_C", "DEF")
 lib.define("int_gemm(Tensor(a!) out, Tensor a_q, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, "
            "Tensor(b!) counters, Tensor(c!) partials, int w_bits, int path, int config, int splits) -> ()")
 lib.define("gemm_info(int path, int config, int w_bits) -> int[]")
+COUNTERS = 1 << int(re.search(r"kSplitKCounters = 1 << (\d+);", (E.CSRC / "gemm.h").read_text()).group(1))
 def gemm_info(path, config, w_bits):
     if path == 1:
-        return [128, 128, 128, 384, 0, 1 << 16]
+        return [128, 128, 128, 384, 0, COUNTERS]
     t = E.traits(config, w_bits)
-    return [t.BM, t.BN, t.BK, t.threads, t.STAGES * t.stage_bytes, 1 << 16]
+    return [t.BM, t.BN, t.BK, t.threads, t.STAGES * t.stage_bytes, COUNTERS]
 lib.impl("gemm_info", gemm_info, "CompositeExplicitAutograd")
 import hdrq._cuda as c
 from hdrq import ops
