@@ -171,7 +171,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
   __shared__ __align__(8) uint64_t full_bar[kStages];   // producer -> consumers: stage loaded
   __shared__ __align__(8) uint64_t empty_bar[kStages];  // consumers -> producer: stage read
 
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // 1024-byte alignment of the *shared-window* address (what TMA swizzling and the descriptors see).
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   uint8_t* sA = smem;
   uint8_t* sB = sA + kStages * kAStageBytes;
   uint8_t* staging = sB + kStages * kBStageBytes;
@@ -330,6 +331,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
         store_pair(p, ti.m0 + 64 * c + 16 * w + g + 8 * hr, ti.n0 + 8 * j + 2 * t, v0, v1, pair_ok);
       }
   }
+#else
+  // Built without sm_90a features (the sm_80 pass, or a plain sm_90 target): never run silently empty.
+  __trap();
 #endif
 }
 
