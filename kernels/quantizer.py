@@ -41,8 +41,9 @@ Exactness
 ---------
 ``v = x * (1/s)`` with an IEEE reciprocal (``div_rn``); round half to even with the 1.5 * 2**23 trick on
 ``v`` clamped to ``[qmin - 1, qmax + 1]``, the sign copied back (round(-0.3) = -0.0); clamps compare and
-select like torch.clamp on the CPU (NaN passes through, -0.0 is not below 0); kernels are launched with FMA contraction off (``runtime.LAUNCH_OPTIONS``) so ``x + s*u``
-rounds twice like the reference. ``ds`` is a sum: it is reproducible run to run (per-program partial sums,
+select like torch.clamp on the CPU (NaN passes through, -0.0 is not below 0); kernels are launched with
+FMA contraction off (``runtime.LAUNCH_OPTIONS``) so ``x + s*u`` rounds twice like the reference. Under the
+interpreter, fp32 -> bf16 is rounded in software (``runtime.soft_bf16``). ``ds`` is a sum: it is reproducible run to run (per-program partial sums,
 then a fixed-order second pass, no float atomics) but not bit-equal to torch's summation order.
 """
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ U_MAX = ref.U_MAX
 # Largest BLOCK (elements per program). 4096 elements = 16 KB of fp32 per program: 16 elements per thread
 # at 8 warps, four (fp32) or two (bf16) 16-byte loads in flight per thread. bench/bench_quant.py sweeps it.
 MAX_BLOCK = 4096
+# Histogram mode's sampler (int64 binary search, gathers) needs ~2x the registers per element: at 4096 it
+# takes 155-176 registers a thread (one CTA per SM), at 2048 80-92 (sm_90 cubin, cuobjdump).
+HIST_MAX_BLOCK = 2048
 # Smaller channels get the smallest of these that holds them. Few sizes = few compiled variants: a model
 # has layers of many sizes, and each (BLOCK, layout, mode, dtype) is a separate Triton compilation.
 BLOCK_SIZES = (256, 1024)
@@ -537,12 +541,16 @@ def rounding_error_histogram(x: torch.Tensor, scale: torch.Tensor, bits: int, si
         return _histogram(xc, sc, bits, signed, lp).reshape(lp.channels, HIST_BINS).to(torch.int64)
 
 
+def _max_block(noise: int) -> int:
+    return min(MAX_BLOCK, HIST_MAX_BLOCK) if noise == HISTOGRAM else MAX_BLOCK
+
+
 def _forward(name, x, scale, bits, signed, axis, seed, noise, qdrop, p):
     xc, sc = _prepare(name, x, scale)
     y = runtime.alloc(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return y
-    lp = plan(tuple(x.shape), axis, x.element_size())
+    lp = plan(tuple(x.shape), axis, x.element_size(), _max_block(noise))
     qmin, qmax = _qrange(bits, signed)
     with runtime.device_guard(x):
         hist = _histogram(xc, sc, bits, signed, lp) if noise == HISTOGRAM else sc
@@ -563,7 +571,7 @@ def _backward(name, grad, x, scale, bits, signed, axis, seed, noise, qdrop, p):
     ds = runtime.alloc(scale.shape, scale.dtype, scale.device)
     if x.numel() == 0:
         return dx, ds.zero_()
-    lp = plan(tuple(x.shape), axis, x.element_size())
+    lp = plan(tuple(x.shape), axis, x.element_size(), _max_block(noise))
     qmin, qmax = _qrange(bits, signed)
     direct = lp.n_chunks == 1
     part = ds.view(-1) if direct else runtime.alloc((lp.channels * lp.n_chunks,), torch.float32, x.device)

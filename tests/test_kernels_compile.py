@@ -51,7 +51,8 @@ def variants() -> dict:
                     "quantizer", f"_{k}_kernel", _quant_types("bf16", idx64),
                     _quant_meta(vec, layout, aligned, noise=1, qdrop=True, idx64=idx64, block=1024), 4)
     for k in ("fwd", "bwd"):
-        v[f"histogram-{k}"] = ("quantizer", f"_{k}_kernel", _quant_types("fp32"), _quant_meta(4, noise=2), 8)
+        v[f"histogram-{k}"] = ("quantizer", f"_{k}_kernel", _quant_types("fp32"),
+                               _quant_meta(4, noise=2, block=2048), 8)
     v["hist-counts"] = ("quantizer", "_hist_kernel",
                         {"x_ptr": "*fp32", "scale_ptr": "*fp32", "hist_ptr": "*i32", "qmin": "fp32", "qmax": "fp32",
                          "plane": "i32", "inner": "i32", "cstride": "i32", "n_chunks": "i32"},
