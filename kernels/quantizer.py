@@ -43,8 +43,9 @@ Exactness
 ``v`` clamped to ``[qmin - 1, qmax + 1]``, the sign copied back (round(-0.3) = -0.0); clamps compare and
 select like torch.clamp on the CPU (NaN passes through, -0.0 is not below 0); kernels are launched with
 FMA contraction off (``runtime.LAUNCH_OPTIONS``) so ``x + s*u`` rounds twice like the reference. Under the
-interpreter, fp32 -> bf16 is rounded in software (``runtime.soft_bf16``). ``ds`` is a sum: it is reproducible run to run (per-program partial sums,
-then a fixed-order second pass, no float atomics) but not bit-equal to torch's summation order.
+interpreter, fp32 -> bf16 is rounded in software (``runtime.soft_bf16``). ``ds`` is a sum: it is
+reproducible run to run (per-program partial sums, then a fixed-order second pass, no float atomics) but
+not bit-equal to torch's summation order.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -62,7 +63,7 @@ HARD, UNIFORM, HISTOGRAM = 0, 1, 2
 _NOISE_MODES = {"uniform": UNIFORM, "histogram": HISTOGRAM}
 
 HIST_BINS = ref.HIST_BINS
-U_MAX = ref.U_MAX
+assert HIST_BINS == 256  # the binary search below is unrolled for 256 bins
 # Largest BLOCK (elements per program). 4096 elements = 16 KB of fp32 per program: 16 elements per thread
 # at 8 warps, four (fp32) or two (bf16) 16-byte loads in flight per thread. bench/bench_quant.py sweeps it.
 MAX_BLOCK = 4096
@@ -75,13 +76,12 @@ BLOCK_SIZES = (256, 1024)
 
 
 def block_size(n: int, max_block: Optional[int] = None) -> int:
-    """Elements per program for ``n`` elements per channel (a power of two, at least 16)."""
+    """Elements per program for ``n`` elements per channel (a power of two)."""
     cap = max_block or MAX_BLOCK
     for b in BLOCK_SIZES:
         if n <= b:
             return min(b, cap)
     return cap
-assert HIST_BINS == 256  # the binary search below is unrolled for 256 bins
 
 
 # ==================================================================================================
@@ -293,6 +293,10 @@ def _keep(mseed, e_row, e, p, ROWS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl
 # Kernels
 # ==================================================================================================
 
+# Seeds are typed int64 by annotation and never specialised: Triton would otherwise compile separate
+# variants for seeds divisible by 16 and turn a seed of 1 into a constant.
+_SEEDS = ["seed", "mseed"]
+
 
 @triton.jit
 def _fwd_tile(x_ptr, y_ptr, s, inv, qmin, qmax, seed, mseed, p, counts, cum, total, c, chunk, plane, inner,
@@ -321,7 +325,7 @@ def _fwd_tile(x_ptr, y_ptr, s, inv, qmin, qmax, seed, mseed, p, counts, cum, tot
         tl.store(y_ptr + e, y)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEEDS)
 def _fwd_kernel(x_ptr, y_ptr, scale_ptr, hist_ptr, seed: tl.int64, mseed: tl.int64, p, qmin, qmax, plane, inner,
                 cstride, n_chunks, BLOCK: tl.constexpr, VEC: tl.constexpr, LAYOUT: tl.constexpr,
                 ALIGNED: tl.constexpr, NOISE: tl.constexpr, QDROP: tl.constexpr, IDX64: tl.constexpr,
@@ -384,7 +388,7 @@ def _bwd_tile(g_ptr, x_ptr, dx_ptr, s, inv, qmin, qmax, seed, mseed, p, counts, 
     return tl.sum(tl.sum(ds, 1), 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEEDS)
 def _bwd_kernel(g_ptr, x_ptr, dx_ptr, scale_ptr, ds_ptr, hist_ptr, seed: tl.int64, mseed: tl.int64, p, qmin,
                 qmax, plane, inner, cstride, n_chunks, BLOCK: tl.constexpr, VEC: tl.constexpr,
                 LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, NOISE: tl.constexpr, QDROP: tl.constexpr,
@@ -439,7 +443,7 @@ def _hist_kernel(x_ptr, scale_ptr, hist_ptr, qmin, qmax, plane, inner, cstride, 
     tl.atomic_add(hist_ptr + c * 256 + tl.arange(0, 256), h, mask=h != 0, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEEDS)
 def _uniform_kernel(out_ptr, seed: tl.int64, n, BLOCK: tl.constexpr, IDX64: tl.constexpr):
     pid = tl.program_id(0)
     if IDX64:
@@ -584,8 +588,8 @@ def _backward(name, grad, x, scale, bits, signed, axis, seed, noise, qdrop, p):
         if not direct:
             rb = min(runtime.next_pow2(lp.n_chunks), 1024)
             cb = min(max(1, 2048 // rb), runtime.next_pow2(lp.channels))
-            _sum_partials_kernel[(triton.cdiv(lp.channels, cb),)](part, ds.view(-1), lp.channels, lp.n_chunks,
-                                                                   CB=cb, RB=rb, num_warps=4)
+            _sum_partials_kernel[(triton.cdiv(lp.channels, cb),)](
+                part, ds.view(-1), lp.channels, lp.n_chunks, CB=cb, RB=rb, num_warps=4, **runtime.LAUNCH_OPTIONS)
     return dx, ds
 
 
