@@ -404,8 +404,10 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
     docstring). With ``model`` (the float architecture, or its fake-quant or converted form) the file is
     loaded into it: checked module by module, integer layers put in place, the other tensors loaded;
     ``model`` is modified in place and returned (or, when the root itself is an integer layer, the new
-    layer is returned). Integer weights are packed for the kernels on ``device`` (default: the skeleton
-    module's device, or CPU when rebuilding); the rest of the model moves to ``device`` when it is given.
+    layer is returned). The skeleton's own values are never read, so it may be made on the meta device
+    (``with torch.device("meta"): skeleton = MyNet()``, with ``device=`` given) to skip allocating and
+    initialising float weights. Integer weights are packed for the kernels on ``device`` (default: the
+    skeleton module's device, or CPU when rebuilding); the whole model moves to ``device`` when it is given.
     Returns the model in eval mode, with ``hdrq_config`` / ``hdrq_deploy`` from the file."""
     path = os.fspath(path)
     info, tensors = _read(path)
@@ -439,6 +441,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
         if not isinstance(model, nn.Module):
             raise TypeError(f"load: model must be an nn.Module skeleton, got {type(model).__name__}")
         qbuild, folded = _plan_skeleton(model, modules)
+        if device is None and any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise ValueError("hdrq.load: the model has tensors on the meta device; pass device= to say where the "
+                             "loaded model goes")
         skel = dict(model.named_modules(remove_duplicate=False))
         new = {p: build_q(p, device if device is not None else _module_device(skel[p])) for p in qbuild}
         replaced = set(qbuild) | folded
@@ -454,7 +459,11 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
                 _set_module(model, p, nn.Identity())
             result = model
     if rest:
-        result.load_state_dict(rest, strict=False)
+        # assign=True: the file's tensors become the parameters (no second copy in memory, and a skeleton
+        # made on the meta device works); each goes to the device of the tensor it replaces, or to ``device``.
+        dst = result.state_dict()
+        result.load_state_dict({k: v.to(device if device is not None else dst[k].device) for k, v in rest.items()},
+                               strict=False, assign=True)
     if device is not None:
         result.to(device)
     result.hdrq_config = info.get("config")
