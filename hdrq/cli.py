@@ -40,11 +40,18 @@ def _demo_parser(sub) -> None:
     p.add_argument("--calib-iters", type=int, default=None, help="reconstruction iterations per block, all methods")
     p.add_argument("--calib-samples", type=int, default=None)
     p.add_argument("--noise-mode", choices=("uniform", "histogram"), default=None, help="HDRQ's noise")
+    p.add_argument("--quant-set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override a hdrq.QuantConfig field for one method, e.g. hdrq.lambda_dist=0 (repeatable)")
     p.add_argument("--source-epochs", type=int, default=None)
     p.add_argument("--adapt-epochs", type=int, default=None)
     p.add_argument("--pseudo-label-weight", type=float, default=None,
                    help="SHOT's pseudo-label loss weight (0 = SHOT-IM, SHOT uses 0.3)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: torch's)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes running seeds in parallel (default: one per CPU core on the CPU, 1 on a GPU)")
+    p.add_argument("--eval-split", choices=("test", "val"), default=None,
+                   help="val: evaluate on a split carved from each train split (for choosing settings)")
     p.add_argument("--backend", choices=("auto", "reference", "triton", "cuda"), default=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
 
@@ -55,7 +62,8 @@ def _demo_config(args: argparse.Namespace):
     protocol = "quick" if args.quick else "full" if args.full else "default"
     overrides = {}
     for name in ("out", "data", "root", "source", "image_size", "calib_iters", "calib_samples", "noise_mode",
-                 "source_epochs", "adapt_epochs", "pseudo_label_weight", "device", "backend"):
+                 "source_epochs", "adapt_epochs", "pseudo_label_weight", "device", "backend", "threads",
+                 "workers", "eval_split"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -68,6 +76,8 @@ def _demo_config(args: argparse.Namespace):
         overrides["targets"] = None  # every domain but the source
     if args.data == "folders" and args.image_size is None:
         overrides["image_size"] = 32
+    if args.quant_set:
+        overrides["quant_overrides"] = _quant_overrides(args.quant_set)
     if args.seeds is not None:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
@@ -85,6 +95,25 @@ def _demo_config(args: argparse.Namespace):
         if cfg.source not in folders.domains:
             raise ValueError(f"--source {cfg.source!r} is not a domain of {cfg.root!r}; have {folders.domains}")
     return cfg
+
+
+def _quant_overrides(items: Sequence[str]) -> dict:
+    """``["hdrq.w_lr=1e-3", "qdrop.drop_prob=0.3"]`` -> ``{"hdrq": {"w_lr": 0.001}, "qdrop": {...}}``; values
+    are Python literals where they parse as one, else strings."""
+    import ast
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"--quant-set expects METHOD.FIELD=VALUE, got {item!r}")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        out.setdefault(method, {})[name] = parsed
+    return out
 
 
 def _info() -> int:

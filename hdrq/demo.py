@@ -74,11 +74,12 @@ class DemoConfig:
     image_size: int = 16
     max_images: Optional[int] = None          # digits: keep this many of the 1,797 images (quick runs)
     max_per_class: Optional[int] = None       # folders: cap images per class and domain
+    eval_split: str = "test"                  # "val": evaluate on 20% carved from each train split (tuning)
     # model
     widths: tuple[int, ...] = (16, 32, 64)
     # source training (Adam, one-cycle schedule, label smoothing 0.1 as SHOT's source stage)
     source_epochs: int = 12
-    source_lr: float = 3e-3
+    source_lr: float = 1e-2
     batch_size: int = 64
     # SHOT-IM adaptation (SGD + Nesterov momentum, as SHOT)
     adapt_epochs: int = 4
@@ -90,6 +91,8 @@ class DemoConfig:
     calib_samples: int = 32
     calib_iters: Optional[int] = 300
     noise_mode: Optional[str] = None          # None = the hdrq preset's noise mode
+    # per-method QuantConfig fields on top of everything else, e.g. {"hdrq": {"lambda_dist": 0.0}}
+    quant_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # analysis
     barrier_methods: tuple[str, ...] = ("qdrop", "hdrq")
     barrier_steps: int = 11
@@ -97,6 +100,8 @@ class DemoConfig:
     # run
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str = "auto"
+    threads: Optional[int] = None             # CPU threads in all (None: torch's default)
+    workers: Optional[int] = None             # processes running seeds in parallel (None: auto, see run_demo)
     backend: Optional[str] = None             # hdrq.set_backend for the run (None: leave as it is)
     out: str = "hdrq-demo-out"
     version: int = 1
@@ -120,6 +125,8 @@ class DemoConfig:
     def validated(self) -> "DemoConfig":
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
         if self.data not in ("digits", "folders"):
             raise ValueError(f"data must be 'digits' or 'folders', got {self.data!r}")
         if self.data == "folders" and (not self.root or not self.source):
@@ -128,6 +135,9 @@ class DemoConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
+        bad = [m for m in self.quant_overrides if m not in QUANT_METHODS]
+        if bad:
+            raise ValueError(f"quant_overrides keys must be in {QUANT_METHODS}, got {list(self.quant_overrides)}")
         bad = [m for m in self.barrier_methods if m not in QUANT_METHODS]
         if bad:
             raise ValueError(f"barrier_methods must be a subset of {QUANT_METHODS}, got {list(self.barrier_methods)}")
@@ -347,16 +357,34 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 
 def build_domains(cfg: DemoConfig, seed: int) -> DomainSuite:
-    """The domains of one seed (digits: the seed also fixes the split and the random parts of the shifts)."""
+    """The domains of one seed (digits: the seed also fixes the split and the random parts of the shifts).
+    With ``cfg.eval_split == "val"`` every domain's test split is replaced by a validation split carved from
+    its train split (and removed from it), so settings can be chosen without looking at a test split."""
     if cfg.data == "digits":
-        return make_digits_domains(image_size=cfg.image_size, targets=cfg.targets or DEFAULT_DIGIT_TARGETS,
-                                   seed=seed, max_images=cfg.max_images)
-    folders = ImageFolderDomains(cfg.root, image_size=cfg.image_size, seed=seed, max_per_class=cfg.max_per_class)
-    suite = folders.suite(cfg.source, cfg.targets)
-    if len(suite.targets) < 2:
-        raise ValueError(f"merging needs at least two target domains; {cfg.root!r} gives "
-                         f"{[d.name for d in suite.targets]} besides the source {cfg.source!r}")
+        suite = make_digits_domains(image_size=cfg.image_size, targets=cfg.targets or DEFAULT_DIGIT_TARGETS,
+                                    seed=seed, max_images=cfg.max_images)
+    else:
+        folders = ImageFolderDomains(cfg.root, image_size=cfg.image_size, seed=seed,
+                                     max_per_class=cfg.max_per_class)
+        suite = folders.suite(cfg.source, cfg.targets)
+        if len(suite.targets) < 2:
+            raise ValueError(f"merging needs at least two target domains; {cfg.root!r} gives "
+                             f"{[d.name for d in suite.targets]} besides the source {cfg.source!r}")
+    if cfg.eval_split == "val":
+        suite = DomainSuite(validation_split(suite.source, seed),
+                            [validation_split(d, seed) for d in suite.targets], suite.classes,
+                            {k: v + " (validation split)" for k, v in suite.description.items()})
     return suite
+
+
+def validation_split(domain: DomainData, seed: int, fraction: float = 0.2) -> DomainData:
+    """``domain`` with its test split replaced by a seeded ``fraction`` of its train split (the test split
+    itself dropped): the split to choose settings on."""
+    n = domain.x_train.shape[0]
+    k = min(max(1, round(n * fraction)), n - 1)
+    perm = torch.randperm(n, generator=_generator(_seed_of(seed, 99)))
+    tr, va = perm[k:].sort().values, perm[:k].sort().values
+    return DomainData(domain.name, domain.x_train[tr], domain.y_train[tr], domain.x_train[va], domain.y_train[va])
 
 
 # ================================================================================================
@@ -370,11 +398,11 @@ def _quant_config(cfg: DemoConfig, method: str, bits: int, seed: int, device: to
     kw: dict[str, Any] = dict(method=method, w_bits=bits, a_bits=bits, seed=seed, device=str(device))
     if cfg.calib_iters is not None:
         kw["iters"] = cfg.calib_iters
+        kw["act_iters"] = cfg.calib_iters  # BRECQ's second (activation step size) stage
     if method == "hdrq" and cfg.noise_mode is not None:
         kw["noise_mode"] = cfg.noise_mode
-    if "verbose" in {f.name for f in dataclasses.fields(QuantConfig)}:
-        kw["verbose"] = False  # the demo shows one progress bar for the whole run
-    return QuantConfig(**kw)
+    kw.update(cfg.quant_overrides.get(method, {}))
+    return QuantConfig(**{"verbose": False, **kw})  # the demo shows one progress bar for the whole run
 
 
 def _calib_batch(domain: DomainData, n: int, seed: int) -> Tensor:
@@ -425,7 +453,7 @@ def _run_seed(cfg: DemoConfig, seed: int, device: torch.device, bar) -> dict:
         bar.set_description_str(f"seed {seed}: {desc}")
 
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     suite = build_domains(cfg, seed)
     targets = suite.targets
     names = [d.name for d in targets]
@@ -467,11 +495,11 @@ def _run_seed(cfg: DemoConfig, seed: int, device: torch.device, bar) -> dict:
         t2 = time.perf_counter()
         step("fp32 merge")
         folded = [fold_batchnorm(m).eval() for m in adapted]
-        fp32 = score(hdrq.merge(folded, method="average", seed=_seed_of(seed, 4)), folded)
+        fp32 = score(hdrq.merge(folded, method="average", verbose=False), folded)
         bar.update()
         step("fp32 barrier")
         fp32["barrier"] = _barrier_dict(hdrq.error_barrier(folded[0], folded[1], _ce_loss, barrier_data,
-                                                           steps=cfg.barrier_steps, quant_noise=False))
+                                                           steps=cfg.barrier_steps, verbose=False))
         bar.update()
         timings["fp32_s"] = time.perf_counter() - t2
 
@@ -487,24 +515,33 @@ def _run_seed(cfg: DemoConfig, seed: int, device: torch.device, bar) -> dict:
                 step(f"{key} {method}: calibrating on {d.name}")
                 qcfg = _quant_config(cfg, method, bits, _seed_of(seed, 5, bits, m_idx, i), device)
                 calib = _calib_batch(d, cfg.calib_samples, _seed_of(seed, 6, i)).to(device)
-                quantized.append(hdrq.quantize(adapted[i], calib, qcfg, source=source).eval())
+                src = source if method == "hdrq" else None  # only HDRQ's distance term uses it
+                quantized.append(hdrq.quantize(adapted[i], calib, qcfg, source=src).eval())
                 bar.update()
             t_cal = time.perf_counter() - t3
             step(f"{key} {method}: merge + evaluation")
-            merged = hdrq.merge(quantized, method="hdrq" if method == "hdrq" else "average",
-                                seed=_seed_of(seed, 7, bits, m_idx))
+            merge_method = "hdrq" if method == "hdrq" else "average"
+            merged = hdrq.merge(quantized, method=merge_method, seed=_seed_of(seed, 7, bits, m_idx), verbose=False)
             res = score(merged, quantized)
+            # The ablation: the same quantized models through the other merge, to tell how much of a
+            # method's merged accuracy comes from its calibration and how much from the merge.
+            other = "average" if merge_method == "hdrq" else "hdrq"
+            alt = hdrq.merge(quantized, method=other, seed=_seed_of(seed, 7, bits, m_idx), verbose=False)
+            alt_acc = {d.name: evaluate(alt, d.x_test, d.y_test, device=device) for d in targets}
+            res["merge"] = merge_method
+            res["other_merge"] = {"merge": other, "merged": alt_acc, "merged_hm": harmonic_mean(list(alt_acc.values()))}
             bar.update()
             if method in cfg.barrier_methods:
                 step(f"{key} {method}: quantized error barrier")
-                res["barrier"] = _barrier_dict(hdrq.error_barrier(quantized[0], quantized[1], _ce_loss,
-                                                                  barrier_data, steps=cfg.barrier_steps,
-                                                                  quant_noise=True))
+                res["barrier"] = _barrier_dict(hdrq.error_barrier(
+                    quantized[0], quantized[1], _ce_loss, barrier_data, steps=cfg.barrier_steps, quant_noise=True,
+                    seed=_seed_of(seed, 8, bits, m_idx), verbose=False))
                 bar.update()
-            res["calibration_s"] = t_cal
             methods[key][method] = res
+            timings[f"{key}_{method}_calibration_s"] = t_cal
             timings[f"{key}_{method}_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t0
+    timings["process_cpu_s"] = time.process_time() - cpu0  # ~ the wall time on an idle core (1 thread)
     return {"seed": seed, "targets": names, "adaptation": adaptation, "methods": methods, "timings": timings,
             "barrier_pair": names[:2]}
 
@@ -539,6 +576,9 @@ def summarize(per_seed: list[dict]) -> dict:
                  "merged_hm": _stats([x["merged_hm"] for x in rs]),
                  "unmerged": {n: _stats([x["unmerged"][n] for x in rs]) for n in names},
                  "unmerged_mean": _stats([x["unmerged_mean"] for x in rs])}
+            if "other_merge" in rs[0]:
+                s["other_merge"] = {"merge": rs[0]["other_merge"]["merge"],
+                                    "merged_hm": _stats([x["other_merge"]["merged_hm"] for x in rs])}
             if "barrier" in rs[0]:
                 s["barrier"] = _stats([x["barrier"]["barrier"] for x in rs])
                 losses = torch.tensor([x["barrier"]["losses"] for x in rs], dtype=torch.float64)
@@ -567,18 +607,21 @@ def format_tables(results: dict) -> str:
         lines.append(f"| {n} | {_pm(t['source_only'])} | {_pm(t['adapted'])} |")
     lines.append(f"\nSource model on its own test split: {_pm(summ['adaptation']['source_acc'])}.")
     for key in results["bit_settings"]:
-        lines += ["", f"**{key}**: the target models merged into one; merged accuracy per target, their "
-                      f"harmonic mean (HM), each quantized model alone on its own target, and the error "
-                      f"barrier between `{names[0]}` and `{names[1]}` (cross-entropy; quantized barrier "
-                      f"for quantized methods).", "",
+        lines += ["", f"**{key}**: the target models merged into one (HDRQ merge for hdrq, plain average for the "
+                      f"others, float average for fp32); merged accuracy per target and their harmonic mean (HM); "
+                      f"HM of the same quantized models merged the other way (ablation); each model alone on "
+                      f"its own target; error barrier between `{names[0]}` and `{names[1]}` (cross-entropy; "
+                      f"quantized barrier for quantized methods).", "",
                   "| method | " + " | ".join(f"merged {n}" for n in names)
-                  + " | **merged HM** | unmerged (own domain, mean) | barrier |",
-                  "|---|" + "---|" * len(names) + "---|---|---|"]
+                  + " | **merged HM** | HM, other merge | unmerged (own domain, mean) | barrier |",
+                  "|---|" + "---|" * len(names) + "---|---|---|---|"]
         for method, s in summ[key].items():
             barrier = f"{s['barrier']['mean']:.3f} ± {s['barrier']['std']:.3f}" if "barrier" in s else "-"
+            other = (f"{_pm(s['other_merge']['merged_hm'])} ({s['other_merge']['merge']})"
+                     if "other_merge" in s else "-")
             name = f"{method} (float)" if method == "fp32" else method
             lines.append(f"| {name} | " + " | ".join(_pm(s["merged"][n]) for n in names)
-                         + f" | **{_pm(s['merged_hm'])}** | {_pm(s['unmerged_mean'])} | {barrier} |")
+                         + f" | **{_pm(s['merged_hm'])}** | {other} | {_pm(s['unmerged_mean'])} | {barrier} |")
     lines += ["", comparison_text(results)]
     return "\n".join(lines)
 
@@ -599,9 +642,9 @@ def comparison_text(results: dict) -> str:
             diffs = [a - b for a, b in zip(h["values"], o["values"])]
             d = _stats(diffs)
             wins = sum(x > 0 for x in diffs)
-            verdict = "beats" if d["mean"] > 0 else "does not beat"
-            parts.append(f"{verdict} {other} by {d['mean'] * 100:+.1f} points (paired std "
-                         f"{d['std'] * 100:.1f}, ahead in {wins}/{len(diffs)} seeds)")
+            verdict = "beats" if d["mean"] > 0 else "trails" if d["mean"] < 0 else "ties with"
+            parts.append(f"{verdict} {other} ({_pm(o)}) by {abs(d['mean']) * 100:.1f} points (paired difference "
+                         f"{d['mean'] * 100:+.1f} ± {d['std'] * 100:.1f}; HDRQ ahead in {wins}/{len(diffs)} seeds)")
         if parts:
             out.append(f"- {key}: HDRQ's merged harmonic mean ({_pm(h)}) " + "; ".join(parts) + ".")
     return "\n".join(out)
@@ -648,7 +691,8 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
                   for m, s in summ[key].items() if "barrier_curve" in s}
         if curves:
             p = os.path.join(out_dir, f"barrier_{key.lower()}.png")
-            plot_barriers(curves, p)
+            plot_barriers(curves, p, title=f"{key}: error barrier {results['barrier_pair'][0]} -> "
+                                           f"{results['barrier_pair'][1]} (mean of {len(results['per_seed'])} seed(s))")
             paths.append(p)
     return paths
 
@@ -665,6 +709,82 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _plan_workers(cfg: DemoConfig, device: torch.device) -> tuple[int, int]:
+    """(processes, torch threads per process). On the CPU the seeds, which are independent, run in parallel
+    processes (default: one per core, at most one per seed) of one thread each (or ``cfg.threads`` split
+    among them): the small tensors of this model keep one core busy far better than they split across
+    two, where intra-op threads spend their time in barriers (on a loaded 2-core machine, 2 threads ran the
+    quick protocol 13x slower than 1). On a GPU, one process."""
+    if device.type != "cpu":
+        workers = cfg.workers or 1
+        return max(1, min(workers, len(cfg.seeds))), cfg.threads or torch.get_num_threads()
+    workers = cfg.workers or min(len(cfg.seeds), cfg.threads or _cpu_count())
+    workers = max(1, min(workers, len(cfg.seeds)))
+    return workers, max(1, (cfg.threads or workers) // workers)
+
+
+class _QueueBar:
+    """What a worker process has instead of the progress bar: it sends the updates to the parent."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def update(self, n: int = 1) -> None:
+        self.queue.put(("update", n))
+
+    def set_description_str(self, desc: str) -> None:
+        self.queue.put(("desc", desc))
+
+
+_WORKER_QUEUE = None
+
+
+def _worker_init(queue, threads: int, backend: Optional[str]) -> None:
+    global _WORKER_QUEUE
+    _WORKER_QUEUE = queue
+    torch.set_num_threads(threads)
+    if backend is not None:
+        import hdrq
+
+        hdrq.set_backend(backend)
+
+
+def _worker_seed(cfg: DemoConfig, seed: int, device: str) -> dict:
+    return _run_seed(cfg, seed, torch.device(device), _QueueBar(_WORKER_QUEUE))
+
+
+def _run_seeds_in_processes(cfg: DemoConfig, device: torch.device, bar, workers: int, threads: int) -> list[dict]:
+    import multiprocessing
+    import queue as queue_mod
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked child of a process that has used OpenMP can deadlock in its first parallel op
+    ctx = multiprocessing.get_context("spawn")
+    updates = ctx.Queue()
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(updates, threads, cfg.backend)) as pool:
+        futures = [pool.submit(_worker_seed, cfg, seed, str(device)) for seed in cfg.seeds]
+        while True:
+            try:
+                kind, value = updates.get(timeout=0.2)
+            except queue_mod.Empty:
+                if all(f.done() for f in futures):
+                    break
+                continue
+            if kind == "update":
+                bar.update(value)
+            else:
+                bar.set_description_str(value)
+        return [f.result() for f in futures]  # re-raises a worker's exception here
+
+
 def run_demo(cfg: Optional[DemoConfig] = None, *, verbose: bool = True,
              log: Callable[[str], None] = print) -> dict:
     """Run the whole benchmark of ``cfg`` (default: ``DemoConfig.preset("default")``); write
@@ -676,25 +796,31 @@ def run_demo(cfg: Optional[DemoConfig] = None, *, verbose: bool = True,
     cfg = (cfg or DemoConfig.preset("default")).validated()
     device = resolve_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    previous_backend = hdrq.get_backend()
+    workers, threads = _plan_workers(cfg, device)
+    previous_backend, previous_threads = hdrq.get_backend(), torch.get_num_threads()
     if cfg.backend is not None:
         hdrq.set_backend(cfg.backend)
     t0 = time.perf_counter()
     try:
+        torch.set_num_threads(threads)
         first = build_domains(cfg, cfg.seeds[0])
         total = len(cfg.seeds) * _stage_count(cfg, len(first.targets))
-        per_seed = []
         with tqdm(total=total, disable=not verbose, unit="stage", dynamic_ncols=True) as bar:
-            for seed in cfg.seeds:
-                per_seed.append(_run_seed(cfg, seed, device, bar))
+            if workers > 1:
+                per_seed = _run_seeds_in_processes(cfg, device, bar, workers, threads)
+            else:
+                per_seed = [_run_seed(cfg, seed, device, bar) for seed in cfg.seeds]
         results = {
             "format": "hdrq-demo", "version": cfg.version, "config": cfg.to_dict(),
-            "environment": _environment(device), "elapsed_s": time.perf_counter() - t0,
+            "environment": {**_environment(device), "processes": workers, "threads_per_process": threads},
+            "elapsed_s": time.perf_counter() - t0,
             "source": first.source.name, "targets": [d.name for d in first.targets],
+            "barrier_pair": [d.name for d in first.targets[:2]],
             "domains": first.description, "bit_settings": [f"W{b}A{b}" for b in cfg.bits],
             "methods": list(cfg.methods), "per_seed": per_seed, "summary": summarize(per_seed)}
     finally:
         hdrq.set_backend(previous_backend)
+        torch.set_num_threads(previous_threads)
     results["plots"] = [os.path.basename(p) for p in write_plots(results, cfg.out)]
     results["elapsed_s"] = time.perf_counter() - t0
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
@@ -702,5 +828,5 @@ def run_demo(cfg: Optional[DemoConfig] = None, *, verbose: bool = True,
     if verbose:
         log(format_tables(results))
         log(f"\nWrote {os.path.join(cfg.out, 'results.json')} and {', '.join(results['plots'])} "
-            f"in {results['elapsed_s']:.0f} s on {device}.")
+            f"in {results['elapsed_s']:.0f} s on {device} ({workers} process(es) x {threads} thread(s)).")
     return results

@@ -9,6 +9,16 @@ from hdrq.data import (DEFAULT_DIGIT_TARGETS, DIGIT_SHIFTS, DomainData, ImageFol
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tiny models run one CPU thread, as the demo does: on a shared 2-core machine two intra-op threads
+    mostly wait on each other (see hdrq.demo._plan_workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # ------------------------------------------------------------------------------------------------
 # digits
 # ------------------------------------------------------------------------------------------------
