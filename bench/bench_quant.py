@@ -31,7 +31,7 @@ run of the script, not a measurement.
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import os
 import sys
 import time
@@ -40,7 +40,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cli, copy_bandwidth_gbs, section, time_ms, write  # noqa: E402
+from common import cli, copy_bandwidth_gbs, device_info, section, time_ms, write  # noqa: E402
 
 import hdrq  # noqa: E402
 from hdrq import ops  # noqa: E402
@@ -405,6 +405,8 @@ def main() -> None:
         except Exception as e:  # report and go on: one broken section must not hide the others
             sections.append(failed(name, e))
         print(f"[{name}: {time.time() - ts:.1f} s]", flush=True)
+        with open(args.out, "w") as f:  # after every section, so a timeout keeps what was measured
+            json.dump({"device": device_info(), "sections": sections, "partial": True}, f, indent=1)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     write(args.out, sections, extra={"copy_gbs": round(copy_gbs), "wall_s": round(time.time() - t0, 1)})
