@@ -102,7 +102,7 @@ CASES = [
     ((17,), None, 3, True, None),
     ((1, 1), 0, 2, True, None),
     ((3, 17, 5), None, 4, False, None),
-    ((3, 17, 5), None, 4, True, 16),  # layout 0, 17 programs, masked tail
+    ((3, 17, 5), None, 4, True, 16),  # layout 0, 16 programs, the last one masked
     ((17, 5), 0, 4, True, None),  # layout 1, inner 5: unaligned Philox lanes
     ((6, 24), 0, 5, True, 16),  # layout 1 aligned, 2 chunks per channel
     ((7, 12), -2, 8, False, None),  # layout 1, inner 12: VEC 4 for 16-bit types
