@@ -193,7 +193,7 @@ def _check_quant_args(name: str, x: Tensor, scale: Tensor, bits: int, axis: Opti
             raise ValueError(f"{name}: axis=None needs one scale, got scale of shape {tuple(scale.shape)} "
                              f"for x of shape {tuple(x.shape)}")
     else:
-        if isinstance(axis, bool) or not isinstance(axis, int) or not -x.dim() <= axis < max(x.dim(), 1):
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -x.dim() <= axis < x.dim():
             raise ValueError(f"{name}: axis {axis!r} is out of range for x of shape {tuple(x.shape)}")
         axis %= x.dim()
         if scale.dim() > 1 or scale.numel() != x.shape[axis]:

@@ -386,6 +386,7 @@ def test_torch_compile_traces_ops():
     (lambda: ops.fake_quant(torch.ones(3, 4), torch.ones(3), bits=4, axis=1), ValueError, "length 4"),
     (lambda: ops.fake_quant(torch.ones(3, 4), torch.ones(4), bits=4), ValueError, "one scale"),
     (lambda: ops.fake_quant(torch.ones(3, 4), torch.ones(4), bits=4, axis=2), ValueError, "out of range"),
+    (lambda: ops.fake_quant(torch.tensor(1.0), torch.ones(1), bits=4, axis=0), ValueError, "out of range"),
     (lambda: ops.fake_quant(torch.ones(3), torch.tensor(1.0), bits=9), ValueError, "2 to 8"),
     (lambda: ops.fake_quant(torch.ones(3), torch.tensor(1.0), bits=1), ValueError, "2 to 8"),
     (lambda: ops.noise_fake_quant(torch.ones(3), torch.tensor(1.0), bits=4, seed=1, mode="gauss"), ValueError,
