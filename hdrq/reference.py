@@ -138,7 +138,10 @@ def fake_quant(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optional
     qmin, qmax = qrange(bits, signed)
     cdt = compute_dtype(x)
     s = broadcast_scale(scale.to(cdt), x, axis)
-    q = torch.clamp(torch.round(x.to(cdt) * (1.0 / s)), qmin, qmax)
+    r = torch.round(x.to(cdt) * (1.0 / s))
+    # Compare-and-select instead of torch.clamp: CUDA's clamp turns -0.0 into +0.0 at qmin = 0 while the CPU's
+    # keeps it, and the kernels keep it; this way the reference gives the same signed zeros on every device.
+    q = torch.where(r < qmin, qmin, torch.where(r > qmax, qmax, r))
     return (q * s).to(x.dtype)
 
 
