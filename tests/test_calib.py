@@ -425,25 +425,51 @@ def test_public_names():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not HAS_CUDA,
+# The ops each method's reconstruction must run (on top of the observers' fake_quant).
+TRITON_OPS = {
+    "rtn": {"fake_quant"},
+    "brecq": {"fake_quant", "fake_quant_backward"},
+    "qdrop": {"fake_quant", "qdrop_fake_quant", "qdrop_fake_quant_backward"},
+    "hdrq": {"fake_quant", "fake_quant_backward", "noise_fake_quant", "noise_fake_quant_backward",
+             "qdrop_fake_quant", "qdrop_fake_quant_backward"},
+}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton backend runs on CPU tensors only under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_on_the_triton_backend(method):
+def test_every_method_on_the_triton_backend(method, monkeypatch):
     """Same seeds on the reference and the Triton backend: the kernels draw the same Philox noise and drop
-    masks, so both runs end at (nearly) the same model."""
+    masks, so both runs end at (nearly) the same model. Every op the method needs that the Triton backend
+    implements must have run on it."""
     torch.manual_seed(0)
     # Two layers: the interpreter runs each program instance in Python, so every launch counts.
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
     x = torch.randn(8, 6)
-    cfg = quick(method, iters=2, act_iters=1, calib_batch_size=4, noise_mode="histogram")
+    extra = dict(noise_fraction=0.5) if method == "hdrq" else {}  # one noise and one hard iteration
+    cfg = quick(method, iters=2, act_iters=1, calib_batch_size=4, noise_mode="histogram", **extra)
     source = model if method == "hdrq" else None
     hdrq.set_backend("reference")
     ref = hdrq.quantize(model, x, cfg, source=source)
+
+    assert "triton" in hdrq.ops.available_backends("cpu")  # imports hdrq.kernels, which registers its ops
+    calls = {}
+
+    def counting(op, fn):
+        def wrapped(*args):
+            calls[op] = calls.get(op, 0) + 1
+            return fn(*args)
+        return wrapped
+
+    for op, fn in list(hdrq.ops._IMPLS["triton"].items()):
+        monkeypatch.setitem(hdrq.ops._IMPLS["triton"], op, counting(op, fn))
     hdrq.set_backend("triton")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an op the Triton backend lacks falls back, once
         tri = hdrq.quantize(model, x, cfg, source=source)
     check_hard_state(tri, model, cfg)
+    expected = TRITON_OPS[method] & set(hdrq.ops._IMPLS["triton"])
+    assert expected and expected <= set(calls), (expected, calls)
     with torch.no_grad():
         y_ref, y_tri = ref(x), tri(x)
     assert (y_tri - y_ref).norm() <= 0.05 * y_ref.norm()

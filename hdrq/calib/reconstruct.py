@@ -239,16 +239,17 @@ class BlockReconstructor:
                 opt.step()
                 sched.step()
 
-                detached = rec.detach()  # reported: the reconstruction error, without the regularisers
                 if first_loss is None:
-                    first_loss = detached
-                loss_sum = detached if loss_sum is None else loss_sum + detached
+                    first_loss = rec.detach()  # reported: the reconstruction error, without the regularisers
+                if bar is None:
+                    continue
+                loss_sum = rec.detach() if loss_sum is None else loss_sum + rec.detach()
                 loss_count += 1
                 done_since_refresh += 1
                 now = time.monotonic()
-                if bar is not None and (now - last_refresh >= REFRESH_SECONDS or t == iters - 1):
-                    bar.update(done_since_refresh)
+                if now - last_refresh >= REFRESH_SECONDS or t == iters - 1:
                     bar.set_postfix(loss=f"{float(loss_sum) / loss_count:.4g}", refresh=False)
+                    bar.update(done_since_refresh)
                     last_refresh, done_since_refresh = now, 0
                     loss_sum, loss_count = None, 0
         finally:
