@@ -68,22 +68,15 @@ _U32 = 0xFFFFFFFF
 SEED_MASK = (1 << 63) - 1  # seeds are taken modulo 2**63 so every backend sees the same non-negative int64
 
 
-def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32 bits of ``a * b`` for a 32-bit constant ``a`` and uint32 values ``b`` (int64).
-
-    The 64-bit product would overflow int64, so ``b`` is split into 16-bit halves; every partial product
-    stays below 2**49."""
-    p_hi = a * (b >> 16)
-    p_lo = a * (b & 0xFFFF)
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _U32
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    return hi, lo
-
-
 def philox4x32(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Four uint32 streams (as int64 tensors) for counters ``counter`` (int64, >= 0) under ``seed``.
 
-    Same as Triton's ``randint4x(seed, counter)``: state ``(c_lo, c_hi, 0, 0)``, key ``(seed_lo, seed_hi)``."""
+    Same as Triton's ``randint4x(seed, counter)``: state ``(c_lo, c_hi, 0, 0)``, key ``(seed_lo, seed_hi)``.
+
+    Each round needs the full 64-bit product of two uint32 values. It is taken as one int64 multiply that wraps
+    modulo 2**64 (two's complement, as torch's integer multiply does on CPU and CUDA): the low 64 bits of the
+    product are exact, so ``p & 0xFFFFFFFF`` and ``(p >> 32) & 0xFFFFFFFF`` are its two halves even when the
+    signed value overflowed. The tests pin this bit for bit to Triton's Philox."""
     seed &= SEED_MASK
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     c0 = counter & _U32
@@ -91,9 +84,12 @@ def philox4x32(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     for _ in range(10):
-        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        pb = c2.mul_(_PHILOX_ROUND_B)  # c2 is not needed after this round except through pb
+        pa = c0.mul_(_PHILOX_ROUND_A)
+        c0 = (pb >> 32).bitwise_and_(_U32).bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = (pa >> 32).bitwise_and_(_U32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1 = pb.bitwise_and_(_U32)
+        c3 = pa.bitwise_and_(_U32)
         k0 = (k0 + _PHILOX_KEY_A) & _U32
         k1 = (k1 + _PHILOX_KEY_B) & _U32
     return c0, c1, c2, c3
