@@ -107,7 +107,7 @@ class Quantizer(nn.Module):
         if not self.lsq_grad_scale:
             return s
         g = 1.0 / (max(x.numel() // max(s.numel(), 1), 1) * max(self.qmax, 1)) ** 0.5
-        return (s - s * g).detach() + s * g
+        return s + (s * g - (s * g).detach())  # value exactly s; gradient scaled by g
 
     def _next_seed(self) -> int:
         seed = mix_seed(self.seed, self.step)
