@@ -10,6 +10,8 @@
 set -uo pipefail
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR [STAGES]}
 STAGES=${2:-build,test,sanitize,bench}
+BENCHES=${BENCHES:-gemm quant calib merge deploy}   # which bench/bench_<area>.py to run, in order
+TESTS=${TESTS:-tests}                               # which test files the `test` stage runs
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/check.log"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
@@ -29,7 +31,7 @@ if has build; then
 fi
 
 if has test; then
-  run 300 $PY -m pytest -q -m cuda -p no:cacheprovider tests -rfE || say "CUDA TESTS FAILED"
+  run 300 $PY -m pytest -q -m cuda -p no:cacheprovider --durations=8 -rfE $TESTS || say "CUDA TESTS FAILED"
 fi
 
 if has sanitize && [ -f bench/sanitize_gemm.py ]; then
@@ -39,7 +41,7 @@ if has sanitize && [ -f bench/sanitize_gemm.py ]; then
 fi
 
 if has bench; then
-  for b in gemm quant calib merge deploy; do
+  for b in $BENCHES; do
     [ -f "bench/bench_$b.py" ] || continue
     run 120 $PY "bench/bench_$b.py" --out "$OUTDIR/bench_$b.json" || say "BENCH $b FAILED"
   done
