@@ -51,10 +51,13 @@ class GemmDispatch:
     decode_max_m: int = 64
     """M <= this: the decode path (weights streamed once; M padded to 16, 32 or 64 rows)."""
     wgmma_min_m: Optional[int] = dataclasses.field(
-        default_factory=lambda: int(os.environ["HDRQ_WGMMA_MIN_M"]) if os.environ.get("HDRQ_WGMMA_MIN_M") else None)
-    """Hopper: M >= this may take the wgmma path under ``auto``. None (the default, env ``HDRQ_WGMMA_MIN_M``
-    unset): never, until the wgmma kernel's GPU tests have passed on the target machine; it was written and
-    checked without a GPU. The bench reports both paths at M > 64 to choose the crossover (~128 expected)."""
+        default_factory=lambda: int(os.environ.get("HDRQ_WGMMA_MIN_M", "256")) or None)
+    """Hopper: M >= this may take the wgmma path under ``auto`` (env ``HDRQ_WGMMA_MIN_M``; 0 turns it off).
+    256: measured on an H100 (bench/RESULTS.md, 2026-11-26), W8A8 wgmma beats mma from M = 256 (84 vs 108 us on
+    4096x14336) to M = 8192 (1287 vs 2452 us); M in (64, 256) was not measured."""
+    wgmma_bits: tuple = (8,)
+    """Weight widths that take wgmma under ``auto``: 6-bit wgmma (in-kernel expansion) measured no faster than
+    mma (458 vs 462 us at M = 2048, 1913 vs 1829 us at M = 8192 on 4096x14336), so 6-bit stays on mma."""
     wgmma_min_waves: float = 0.9
     """... and only when its 128x128 tiles fill at least this fraction of the SMs (else mma's smaller tiles
     keep more of the GPU busy)."""
@@ -146,7 +149,7 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
     if path == "auto":
         if m <= d.decode_max_m:
             path = "decode"
-        elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m
+        elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m and w_bits in d.wgmma_bits
               and _cdiv(m, 128) * _cdiv(n, 128) >= d.wgmma_min_waves * sms and _wgmma_verified(device)):
             path = "wgmma"
         else:

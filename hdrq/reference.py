@@ -318,7 +318,10 @@ def quantize_per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     ``q = clamp(round(x * (1/scale)), -qmax, qmax)`` as int8; a row of zeros gets scale 0 and q = 0."""
     qmax = (1 << (bits - 1)) - 1
     xf = x.to(torch.float32)
-    scale = xf.abs().amax(dim=-1) / qmax
+    amax = xf.abs().amax(dim=-1)
+    # A tensor divisor, not the Python int: torch's CUDA division by a scalar multiplies by its reciprocal,
+    # which is not the IEEE quotient the CPU and the kernels compute.
+    scale = amax / torch.full_like(amax, qmax)
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     q = torch.clamp(torch.round(xf * inv.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
     return q, scale

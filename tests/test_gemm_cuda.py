@@ -289,7 +289,8 @@ def test_auto_dispatch_to_wgmma(cuda_backend, force_path, monkeypatch):
     """With a crossover set, auto sends large M to wgmma (after its first-use check) on Hopper only."""
     force_path("wgmma")
     monkeypatch.setenv("HDRQ_GEMM_PATH", "auto")
-    monkeypatch.setattr(cuda_backend, "DISPATCH", dataclasses.replace(cuda_backend.DISPATCH, wgmma_min_m=128))
+    monkeypatch.setattr(cuda_backend, "DISPATCH", dataclasses.replace(cuda_backend.DISPATCH, wgmma_min_m=128,
+                                                                              wgmma_bits=(6, 8)))
     monkeypatch.setattr(cuda_backend, "_WGMMA_VERIFIED", {})
     before = cuda_backend.PATH_CALLS["wgmma"]
     q, w = weights(2048, 1024, 6)

@@ -280,6 +280,7 @@ def test_cuda_glue_plans_on_cpu():
 
     script = _GLUE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("HDRQ_GEMM_PATH", "HDRQ_WGMMA_MIN_M")}
+    env["HDRQ_WGMMA_MIN_M"] = "0"  # auto never picks wgmma here: its first-use check needs a real GPU
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = ast.literal_eval(r.stdout.strip().splitlines()[-1])
@@ -289,7 +290,7 @@ def test_cuda_glue_plans_on_cpu():
     assert out[(33, 4096, 4096, 8)][:3] == ("decode", 64, 64)
     assert out[(64, 4096, 4096, 6)][:3] == ("decode", 64, 64)
     assert out[(65, 4096, 4096, 8)][0] == "mma" and out[(256, 4096, 4096, 6)][0] == "mma"
-    assert out[(2048, 4096, 4096, 8)] == ("mma", 128, 128, 1)       # wgmma stays off until enabled
+    assert out[(2048, 4096, 4096, 8)] == ("mma", 128, 128, 1)       # wgmma off (HDRQ_WGMMA_MIN_M=0)
     assert out[(1, 8, 4, 6)] == ("decode", 16, 64, 1)
     assert out[("wgmma", 2048, 4096, 4096)] == "wgmma"
     assert out[("wgmma", 2048, 4104, 4096)] == "unsupported"       # N % 16

@@ -213,9 +213,15 @@ def _reconstruct_block(fp: nn.Module, qmodel: nn.Module, blk: Block, index: int,
 
 def _device(cfg: QuantConfig, model: nn.Module) -> torch.device:
     if cfg.device is not None:
-        return torch.device(cfg.device)
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+        device = torch.device(cfg.device)
+    else:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    # "cuda" and "cuda:0" name one device but compare unequal; tensors always report an index, so give the
+    # device one too (the block cache decides where data lives by comparing devices).
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _quant_layers(qmodel: nn.Module, layers: dict[str, nn.Module]):
