@@ -89,7 +89,7 @@ class DemoConfig:
     bits: tuple[int, ...] = (4, 6)            # W{b}A{b}
     methods: tuple[str, ...] = METHODS
     calib_samples: int = 32
-    calib_iters: Optional[int] = 300
+    calib_iters: Optional[int] = 100
     noise_mode: Optional[str] = None          # None = the hdrq preset's noise mode
     # per-method QuantConfig fields on top of everything else, e.g. {"hdrq": {"lambda_dist": 0.0}}
     quant_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -394,11 +394,15 @@ def validation_split(domain: DomainData, seed: int, fraction: float = 0.2) -> Do
 
 def _quant_config(cfg: DemoConfig, method: str, bits: int, seed: int, device: torch.device):
     from .calib import QuantConfig
+    from .calib.config import PRESETS
 
-    kw: dict[str, Any] = dict(method=method, w_bits=bits, a_bits=bits, seed=seed, device=str(device))
-    if cfg.calib_iters is not None:
+    kw: dict[str, Any] = dict(method=method, w_bits=bits, a_bits=bits, seed=seed, device=str(device),
+                              calib_batch_size=cfg.calib_samples)
+    if cfg.calib_iters is not None and method != "rtn":  # RTN has no iterations
         kw["iters"] = cfg.calib_iters
-        kw["act_iters"] = cfg.calib_iters  # BRECQ's second (activation step size) stage
+        if method == "brecq":  # its second (activation step size) stage keeps the published 5,000 : 20,000 ratio
+            p = PRESETS["brecq"]
+            kw["act_iters"] = max(1, round(cfg.calib_iters * p["act_iters"] / p["iters"]))
     if method == "hdrq" and cfg.noise_mode is not None:
         kw["noise_mode"] = cfg.noise_mode
     kw.update(cfg.quant_overrides.get(method, {}))
@@ -508,7 +512,8 @@ def _run_seed(cfg: DemoConfig, seed: int, device: torch.device, bar) -> dict:
         methods[key] = {}
         if fp32 is not None:
             methods[key]["fp32"] = fp32
-        for m_idx, method in enumerate(m for m in cfg.methods if m != "fp32"):
+        for method in (m for m in cfg.methods if m != "fp32"):
+            m_idx = QUANT_METHODS.index(method)  # seeds do not depend on which other methods run
             t3 = time.perf_counter()
             quantized = []
             for i, d in enumerate(targets):

@@ -10,7 +10,7 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These tiny models run one CPU thread, as the demo does: on a shared 2-core machine two intra-op threads
     mostly wait on each other (see hdrq.demo._plan_workers)."""

@@ -14,7 +14,7 @@ from hdrq.demo import (METHODS, DemoConfig, SmallResNet, adapt_shot, evaluate, h
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These tiny models run one CPU thread, as the demo does: on a shared 2-core machine two intra-op threads
     mostly wait on each other (see hdrq.demo._plan_workers)."""
@@ -256,3 +256,17 @@ def test_seeds_in_worker_processes_match_one_process(tmp_path):
     assert a["adaptation"] == b["adaptation"] and a["methods"] == b["methods"]
     assert a["adaptation"]["source_acc"] > 0.5  # a real model, so that equal numbers mean something
     assert two["per_seed"][0]["adaptation"] != a["adaptation"]
+
+
+@pytest.mark.cuda
+def test_demo_quick_on_the_gpu(tmp_path):
+    """The same smoke protocol on the GPU (Triton/CUDA kernels behind hdrq.ops): every stage runs, and the
+    numbers are as sane as on the CPU."""
+    out = tmp_path / "gpu"
+    assert main(["demo", "--quick", "-q", "--device", "cuda", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["environment"]["device"].startswith("cuda") and res["environment"]["processes"] == 1
+    _check_results(res, ["W4A4", "W6A6"], list(METHODS), list(DemoConfig.preset("quick").targets),
+                   {"fp32", "qdrop", "hdrq"})
+    adapted = [res["per_seed"][0]["adaptation"]["targets"][n]["adapted"] for n in res["targets"]]
+    assert min(adapted) > 0.3, adapted
