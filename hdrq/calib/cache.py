@@ -103,6 +103,15 @@ def _batched_leaf(leaf: Any, batch: int) -> bool:
 
 
 @torch.no_grad()
+def canonical_device(device: torch.device) -> torch.device:
+    """``device`` with its index: "cuda" and "cuda:0" name one device but compare unequal, and tensors always
+    report an index, so the cache (which decides what to copy by comparing devices) needs the indexed form."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def capture(model: nn.Module, block: nn.Module, data: Tensor, batch_size: int, device: torch.device, *,
             outputs: bool, storage: Optional[torch.device] = None, decide_storage=None,
             name: str = "") -> tuple[CapturedCalls, Optional[CapturedCalls]]:
@@ -201,7 +210,7 @@ class BlockCache:
 
     def __init__(self, fp_in: CapturedCalls, q_in: CapturedCalls, target: CapturedCalls, device: torch.device,
                  *, batch_size: int, iters: int, drop_prob: float, seed: int):
-        self.device, self.drop_prob = device, float(drop_prob)
+        self.device, self.drop_prob = canonical_device(device), float(drop_prob)
         self.spec, self.batched = q_in.spec, q_in.batched
         if fp_in.spec != q_in.spec or fp_in.batched != q_in.batched:
             raise RuntimeError("the block is called with different arguments in the full-precision and the "

@@ -33,7 +33,7 @@ from ..quant.attention import decompose_attention
 from ..quant.layers import _QuantLayer, _set_module
 from ..reference import mix_seed
 from .blocks import Block, find_blocks, quantizable_layers
-from .cache import BlockCache, collect_calib_data, iter_chunks
+from .cache import BlockCache, canonical_device, collect_calib_data, iter_chunks
 from .config import QuantConfig
 from .reconstruct import BlockReconstructor, BlockReport, finalize_layer
 
@@ -217,11 +217,7 @@ def _device(cfg: QuantConfig, model: nn.Module) -> torch.device:
     else:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    # "cuda" and "cuda:0" name one device but compare unequal; tensors always report an index, so give the
-    # device one too (the block cache decides where data lives by comparing devices).
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return canonical_device(device)
 
 
 def _quant_layers(qmodel: nn.Module, layers: dict[str, nn.Module]):
