@@ -18,7 +18,7 @@ NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/de
 NVCC_FLAGS := -std=c++17 -O3 -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
 CU_SOURCES := $(wildcard csrc/*.cu)
 
-.PHONY: setup test nvcc-check demo bench clean
+.PHONY: setup test nvcc-check demo gpu-check clean
 
 setup:
 ifeq ($(CUDA_PY),)
@@ -45,8 +45,14 @@ endif
 test: setup nvcc-check
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
-bench: setup
-	$(PY) -m pytest -q bench
+# The main job: the offline multi-target domain adaptation benchmark of merged low-bit models (hdrq demo).
+# Uses the GPU when there is one. DEMO_ARGS passes options (e.g. DEMO_ARGS="--quick" or "--full").
+demo: setup
+	$(PY) -m hdrq demo $(DEMO_ARGS)
+
+# The GPU check (build, cuda tests, sanitizer, benchmarks) on a GPU machine; OUT receives logs and JSON.
+gpu-check:
+	bash bench/gpu_check.sh $${OUT:-gpu-check-out}
 
 clean:
 	rm -rf $(VENV) build *.egg-info hdrq/_C*.so .pytest_cache .benchmarks
