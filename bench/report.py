@@ -59,7 +59,112 @@ def render(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------ README summary tables
+
+
+def _load(paths: list[str]) -> dict[str, dict]:
+    docs = {}
+    for p in paths:
+        with open(p) as f:
+            docs[os.path.basename(p).replace("bench_", "").replace(".json", "")] = json.load(f)
+    return docs
+
+
+def _section(doc: dict, prefix: str) -> dict:
+    return next(s for s in doc["sections"] if s["title"].startswith(prefix))
+
+
+def _table(columns: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows] + [""])
+
+
+def readme_tables(paths: list[str]) -> str:
+    """The short tables README.md shows: a few rows of each benchmark, picked by name."""
+    docs, out = _load(paths), []
+    if "quant" in docs:
+        rows = []
+        for label, title, case, alt in [
+                ("noise_fake_quant forward", "noise_fake_quant forward", "noise_fake_quant forward", "eager w + s*"),
+                ("noise_fake_quant fwd + bwd", "noise_fake_quant backward", "forward + backward", "eager autograd"),
+                ("noise_fake_quant backward alone", "noise_fake_quant backward", "backward", None),
+                ("fake_quant fwd + bwd", "fake_quant (hard", "fwd + bwd", "torch._fake_quantize_learnable"),
+                ("qdrop_fake_quant fwd", "qdrop_fake_quant", "fwd, hard q", "eager where"),
+                ("quantize_per_token", "quantize_per_token", "8-bit", "eager PyTorch")]:
+            sec = _section(docs["quant"], title)
+            cur_case, ours = None, {}
+            for r in sec["rows"]:
+                cur_case = r[0] or cur_case
+                if cur_case != case:
+                    continue
+                if r[2] in ("hdrq triton", "hdrq triton (uniform)", "hdrq triton (one pass)",
+                            "hdrq triton (one fused op)") and r[1] not in ours:
+                    ours[r[1]] = r
+                    if alt is None:
+                        rows.append([label, r[1], r[3], r[5], "-", "-", "-"])
+                elif alt and r[2].startswith(alt) and r[1] in ours:
+                    o = ours[r[1]]
+                    rows.append([label, r[1], o[3], o[5], r[2].split(" (")[0], r[3], f"{r[3] / o[3]:.2f}x"])
+        out += ["Quantizer kernels (8192 x 8192 per-channel; per-token 8192 x 4096):", ""]
+        out += _table(["op", "dtype", "hdrq ms", "% of copy", "alternative", "alt ms", "speed-up"], rows)
+    if "gemm" in docs:
+        sec = docs["gemm"]["sections"][0]
+        by = {}
+        for r in sec["rows"]:
+            by.setdefault((r[0], r[1]), {})[r[2]] = r
+        rows = []
+        for (m, shape), d in by.items():
+            if shape != "14336x4096":
+                continue
+            get = lambda k: d[k][4] if k in d else "-"
+            sp = lambda k: f"{d[k][4]:.1f} ({d['bf16 F.linear'][4] / d[k][4]:.2f}x)" if k in d else "-"
+            rows.append([m, get("bf16 F.linear"), sp("fp8 _scaled_mm"), sp("int8 _int_mm"), sp("W8A8 hdrq"),
+                         sp("W6A6 hdrq")])
+        out += ["GEMM y = x W^T, N x K = 14336 x 4096, us (speed-up over bf16); all shapes in RESULTS.md:", ""]
+        out += _table(["M", "bf16 cuBLAS", "FP8 _scaled_mm", "int8 _int_mm", "hdrq W8A8", "hdrq W6A6"], rows)
+    if "calib" in docs:
+        sec = docs["calib"]["sections"][0]
+        rows, ref = [], {}
+        for r in sec["rows"]:
+            if not r[1].startswith("HDRQ schedule"):
+                continue
+            if r[2] == "reference":
+                ref[(r[0], r[1])] = r[4]
+            else:
+                rows.append([r[0].split(" (")[0], r[1], ref.get((r[0], r[1]), "-"), r[4], r[6]])
+        out += ["HDRQ reconstruction, ms per iteration (4096-wide transformer block; ResNet-50 bottleneck):", ""]
+        out += _table(["block", "schedule", "reference", "triton", "speed-up"], rows)
+    if "merge" in docs:
+        sec = _section(docs["merge"], "HDRQ merge of one 4096x4096 layer, GPU")
+        rows = [[r[0], r[1], r[2], r[4]] for r in sec["rows"] if "rng=torch" not in r[0]]
+        out += ["Merging one 4096 x 4096 layer, ms:", ""]
+        out += _table(["merge", "N", "candidates", "ms"], rows)
+    if "deploy" in docs:
+        sec = docs["deploy"]["sections"][0]
+        rows = [[r[0], r[1], r[2], r[4], r[3]] for r in sec["rows"]]
+        out += ["Decoder MLP 4096 -> 14336 -> 4096, converted, us:", ""]
+        out += _table(["model", "weights MB", "batch 1", "batch 1, CUDA graph", "batch 256"], rows)
+    return "\n".join(out).rstrip()
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"markers {begin} / {end} not found")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python bench/report.py FILE.json [FILE.json ...] > bench/RESULTS.md")
-    print(render(sys.argv[1:]))
+    args = sys.argv[1:]
+    if args[:1] == ["--readme"] and len(args) >= 3:
+        with open(args[1]) as f:
+            text = f.read()
+        with open(args[1], "w") as f:
+            f.write(replace_block(text, "bench", readme_tables(args[2:])))
+    elif args and not args[0].startswith("--"):
+        print(render(args))
+    else:
+        sys.exit("usage: python bench/report.py FILE.json ... > bench/RESULTS.md\n"
+                 "       python bench/report.py --readme README.md FILE.json ...")
