@@ -27,6 +27,9 @@ ifeq ($(CUDA_PY),)
 	@$(PY) -m pip install -q setuptools wheel
 	HDRQ_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,demo]"
 else
+	@# The machine's CUDA torch (and its triton) stay as they are: the other packages by name, only if missing.
+	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, sklearn, matplotlib, PIL" 2>/dev/null \
+	  || $(PY) -m pip install -q numpy tqdm safetensors pytest pytest-benchmark scipy scikit-learn matplotlib pillow
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 endif
 
