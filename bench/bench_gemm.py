@@ -46,9 +46,9 @@ def _warmup_stream() -> torch.cuda.Stream:
     return _STREAM[0]
 
 
-def graph_time_us(make_call, copies: int, reps: int) -> float:
+def graph_time_us(make_call, copies: int, reps: int, rep_ms: float = 60) -> float:
     """Median microseconds per call of ``make_call(i)`` (call i uses weight copy i % copies), captured as a
-    CUDA graph of ``reps`` calls."""
+    CUDA graph of ``reps`` calls, replayed for about ``rep_ms``."""
     calls = [make_call(i % copies) for i in range(reps)]
     s = _warmup_stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -61,7 +61,7 @@ def graph_time_us(make_call, copies: int, reps: int) -> float:
     with torch.cuda.graph(g):
         for c in calls:
             c()
-    ms = time_ms(g.replay, warmup_ms=10, rep_ms=60)
+    ms = time_ms(g.replay, warmup_ms=10, rep_ms=rep_ms)
     return ms * 1e3 / reps
 
 
@@ -131,8 +131,21 @@ def timed_with_path(make, copies, reps, path):
 
 
 def main():
-    args = cli(__doc__.splitlines()[0])
+    args = cli(__doc__.splitlines()[0], {"--dispatch": "JSON of GemmDispatch fields to use instead of the defaults "
+                                                      "(bench/tune_gemm.py --dispatch-out)"})
     ms = [1, 16, 256, 2048] if args.quick else MS
+    dispatch_note = ""
+    if args.dispatch:
+        import dataclasses
+        import json
+
+        import hdrq._cuda as hc
+
+        with open(args.dispatch) as f:
+            fields = {k: tuple(tuple(e) for e in v) if isinstance(v, list) else v for k, v in json.load(f).items()}
+        hc.DISPATCH = dataclasses.replace(hc.DISPATCH, **fields)
+        dispatch_note = f" GemmDispatch fields set for this run: {fields}."
+        print(dispatch_note, flush=True)
     shapes = SHAPES[:2] if args.quick else SHAPES
     rows = []
     bw = copy_bandwidth_gbs()
@@ -181,7 +194,7 @@ def main():
              f"graphs of several calls; weights rotated over copies totalling >= 150 MB for M <= 256 (HBM-bound "
              f"decode, as in a model). TOPS = 2*M*N*K/t; GB/s counts weight bytes only (bf16 2 B, fp8/int8 1 B, "
              f"int6 0.75 B per weight). 'plan' is the hdrq kernel path, output tile and K splits; rows "
-             f"'[mma]' / '[wgmma]' force that path ('auto' uses GemmDispatch). {wgmma_note}.")
+             f"'[mma]' / '[wgmma]' force that path ('auto' uses GemmDispatch). {wgmma_note}.{dispatch_note}")
     write(args.out, [section("GEMM y = x W^T: hdrq W8A8 / W6A6 vs cuBLAS bf16, FP8 row-wise, int8 _int_mm",
                              ["M", "N x K", "impl", "plan", "us", "TOPS", "weight GB/s", "x bf16"], rows, notes)],
           {"copy_gbs": bw})

@@ -52,10 +52,13 @@ def section(title: str, columns: list[str], rows: list[list], notes: str = "") -
     return {"title": title, "notes": notes, "columns": columns, "rows": rows}
 
 
-def cli(description: str) -> argparse.Namespace:
+def cli(description: str, files: dict[str, str] | None = None) -> argparse.Namespace:
+    """--out and --quick, plus optional file arguments ``{"--flag": "help"}`` (default None)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    for flag, help_ in (files or {}).items():
+        ap.add_argument(flag, default=None, help=help_)
     return ap.parse_args()
 
 

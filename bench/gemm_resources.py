@@ -164,7 +164,8 @@ def main():
         out.append("| " + " | ".join(str(v) for v in r) + " |")
     out += ["", "Tile configurations (`csrc/gemm_mma.cu`, `csrc/gemm_wgmma.cu`):", "",
             "| kernel | config | w_bits | BM | BN | BK | threads | dynamic smem (bytes) |", "|---|---|---|---|---|---|---|---|"]
-    cfg_names = ["Decode16", "Decode32", "Decode64", "Tile64", "Tile128"]
+    cfg_names = ["Decode16", "Decode32", "Decode64", "Tile64", "Tile128", "Decode16K256", "Decode16Deep",
+                 "Decode32N128", "Decode64N128"]
     for (kind, c, bits), (bm, bn, bk, threads, smem) in sorted(shapes.items()):
         name = (cfg_names[c] if c < len(cfg_names) else c) if kind == "mma" else "persistent, 4 stages"
         out.append(f"| {kind} | {name} | {bits} | {bm} | {bn} | {bk} | {threads} | {smem} |")

@@ -2,7 +2,10 @@
 # The one GPU check: build hdrq (with the CUDA extension) on a GPU machine without touching its torch, run the
 # `cuda`-marked tests, the compute-sanitizer runs and the kernel benchmarks, and write logs and JSON to OUTDIR.
 #
-#   bench/gpu_check.sh OUTDIR [STAGES]      STAGES: any of build,test,sanitize,bench (default: all)
+#   bench/gpu_check.sh OUTDIR [STAGES]      STAGES: any of build,test,sanitize,tune,bench
+#                                           (default: build,test,sanitize,bench)
+#   tune: bench/tune_gemm.py (decode configurations x splits; writes OUTDIR/dispatch.json, which the bench
+#   stage's bench_gemm.py then uses) and bench/tune_quant.py (autograd profile, per-token launch sweep).
 #
 # Budget: the whole script in under 9 minutes on an H100 (build ~2 min with 16 jobs, tests ~3 min, benchmarks
 # ~4 min). Each stage has its own timeout so a hang cannot eat the budget. OUTDIR receives at most 8 files:
@@ -40,10 +43,18 @@ if has sanitize && [ -f bench/sanitize_gemm.py ]; then
   run 120 "$SAN" --tool racecheck --error-exitcode 1 $PY bench/sanitize_gemm.py --small || say "RACECHECK FAILED"
 fi
 
+if has tune; then
+  run 300 $PY bench/tune_gemm.py --out "$OUTDIR/tune_gemm.json" --dispatch-out "$OUTDIR/dispatch.json" \
+    || say "TUNE gemm FAILED"
+  run 120 $PY bench/tune_quant.py --out "$OUTDIR/tune_quant.json" || say "TUNE quant FAILED"
+fi
+
 if has bench; then
   for b in $BENCHES; do
     [ -f "bench/bench_$b.py" ] || continue
-    run 120 $PY "bench/bench_$b.py" --out "$OUTDIR/bench_$b.json" || say "BENCH $b FAILED"
+    extra=()
+    [ "$b" = gemm ] && [ -f "$OUTDIR/dispatch.json" ] && extra=(--dispatch "$OUTDIR/dispatch.json")
+    run 120 $PY "bench/bench_$b.py" --out "$OUTDIR/bench_$b.json" "${extra[@]}" || say "BENCH $b FAILED"
   done
 fi
 say "done"

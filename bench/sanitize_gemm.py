@@ -33,6 +33,11 @@ CASES = [
     ("mma", 6, 300, 260, 256, 1),
     ("wgmma", 8, 200, 272, 544, 1),  # Hopper only: ragged last tiles in M, N and K
     ("wgmma", 6, 130, 144, 288, 1),
+    # the other decode tile configurations (hdrq._cuda.DECODE_CONFIGS), run by name
+    ("Decode16K256", 8, 3, 72, 600, 2),
+    ("Decode16Deep", 6, 16, 40, 1100, 1),
+    ("Decode32N128", 8, 20, 150, 200, 2),
+    ("Decode64N128", 6, 50, 130, 300, 1),
 ]
 SMALL = [c for c in CASES if c[2] <= 130 and c[4] <= 300]
 
@@ -49,7 +54,8 @@ def main() -> int:
         if path == "wgmma" and not hopper:
             print(f"wgmma w{bits}: skipped (not an sm_90 GPU)")
             continue
-        hc.DISPATCH = dataclasses.replace(hc.DISPATCH, decode_blocks_per_sm=64.0, mma_blocks_per_sm=64.0,
+        many = tuple((top, name, 64.0) for top, name, _ in hc.DISPATCH.decode_configs)
+        hc.DISPATCH = dataclasses.replace(hc.DISPATCH, decode_configs=many, mma_blocks_per_sm=64.0,
                                           max_partial_fraction=1e9, max_splits=splits, min_k_tiles_per_split=1)
         lo, hi = (-128, 128) if bits == 8 else (-32, 32)
         q = torch.randint(lo, hi, (n, k), dtype=torch.int8, device="cuda")
@@ -60,12 +66,16 @@ def main() -> int:
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         acc = torch.empty((m, n), dtype=torch.int32, device="cuda")
         out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
-        plan = hc.int_gemm_out(acc, a, a_scale[:1], w, w_scale, None, bits, path=path)
-        hc.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, path=path)
+        if path in hc.DECODE_CONFIGS:
+            run = dict(plan_override=hc.plan_for_config(m, n, k, bits, path, splits))
+        else:
+            run = dict(path=path)
+        plan = hc.int_gemm_out(acc, a, a_scale[:1], w, w_scale, None, bits, **run)
+        hc.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, **run)
         ok = torch.equal(acc, ref.int_matmul_acc(a, q)) and torch.equal(
             out, ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.bfloat16))
         failures += not ok
-        print(f"{path:6s} w{bits} M={m} N={n} K={k} {plan.bm}x{plan.bn} splits={plan.splits}: "
+        print(f"{path:12s} w{bits} M={m} N={n} K={k} {plan.bm}x{plan.bn} splits={plan.splits}: "
               f"{'ok' if ok else 'WRONG'}", flush=True)
     torch.cuda.synchronize()
     return 1 if failures else 0

@@ -56,7 +56,12 @@ enum MmaConfig : int {
   kMmaDecode64 = 2,   // M <= 64 : 64 x 64
   kMmaTile64 = 3,     // 64 x 128, K step 64, 4 stages
   kMmaTile128 = 4,    // 128 x 128, K step 64, 4 stages
-  kMmaNumConfigs = 5,
+  // Decode variants, measured against the three above by bench/tune_gemm.py (GemmDispatch picks per M):
+  kMmaDecode16K256 = 5,   // M <= 16 : 16 x 64, K step 256, 4 stages (twice the bytes per barrier)
+  kMmaDecode16Deep = 6,   // M <= 16 : 16 x 64, K step 128, 8 stages (twice the bytes in flight)
+  kMmaDecode32N128 = 7,   // M <= 32 : 32 x 128 (two panels per warp: half the A re-reads per weight byte)
+  kMmaDecode64N128 = 8,   // M <= 64 : 64 x 128
+  kMmaNumConfigs = 9,
 };
 
 // Tile shape of a configuration; bm == 0 for an unknown (config, w_bits).

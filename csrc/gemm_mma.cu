@@ -277,6 +277,10 @@ template <int B> using Decode32 = MmaTraits<B, 2, 1, 4, 1, 4, 4>;
 template <int B> using Decode64 = MmaTraits<B, 4, 1, 4, 1, 4, 4>;
 template <int B> using Tile64 = MmaTraits<B, 2, 2, 4, 2, 2, 4>;
 template <int B> using Tile128 = MmaTraits<B, 4, 2, 4, 2, 2, 4>;
+template <int B> using Decode16K256 = MmaTraits<B, 1, 1, 4, 1, 8, 4>;
+template <int B> using Decode16Deep = MmaTraits<B, 1, 1, 4, 1, 4, 8>;
+template <int B> using Decode32N128 = MmaTraits<B, 2, 1, 4, 2, 4, 4>;
+template <int B> using Decode64N128 = MmaTraits<B, 4, 1, 4, 2, 4, 4>;
 
 template <class T>
 TileShape shape_of() {
@@ -301,6 +305,10 @@ auto with_config(int config, F&& f) {
     case kMmaDecode32: return f(Decode32<B>{});
     case kMmaDecode64: return f(Decode64<B>{});
     case kMmaTile64: return f(Tile64<B>{});
+    case kMmaDecode16K256: return f(Decode16K256<B>{});
+    case kMmaDecode16Deep: return f(Decode16Deep<B>{});
+    case kMmaDecode32N128: return f(Decode32N128<B>{});
+    case kMmaDecode64N128: return f(Decode64N128<B>{});
     default: return f(Tile128<B>{});
   }
 }

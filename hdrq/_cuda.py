@@ -38,8 +38,13 @@ from . import ops
 PATHS = ("auto", "decode", "mma", "wgmma")
 _CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1}  # decode and mma: the mma.sync kernel, different tiles
 # Config indices of hdrq_C path 0 (csrc/gemm.h, MmaConfig)
-_DECODE_CONFIGS = ((16, 0), (32, 1), (64, 2))  # (max M, config)
 _TILE64, _TILE128 = 3, 4
+# Decode configurations (csrc/gemm.h, MmaConfig): name -> (index, largest M it takes). Several per M
+# bucket; GemmDispatch.decode_configs picks one per bucket (bench/tune_gemm.py measures them all).
+DECODE_CONFIGS = {
+    "Decode16": (0, 16), "Decode32": (1, 32), "Decode64": (2, 64),
+    "Decode16K256": (5, 16), "Decode16Deep": (6, 16), "Decode32N128": (7, 32), "Decode64N128": (8, 64),
+}
 
 PATH_CALLS: collections.Counter = collections.Counter()
 
@@ -50,6 +55,9 @@ class GemmDispatch:
 
     decode_max_m: int = 64
     """M <= this: the decode path (weights streamed once; M padded to 16, 32 or 64 rows)."""
+    decode_configs: tuple = ((16, "Decode16", 2.0), (32, "Decode32", 2.0), (64, "Decode64", 2.0))
+    """Per decode M bucket, smallest first: (largest M, configuration name in DECODE_CONFIGS, blocks per SM
+    that split-K aims at: enough weight bytes in flight to saturate HBM)."""
     wgmma_min_m: Optional[int] = dataclasses.field(
         default_factory=lambda: int(os.environ.get("HDRQ_WGMMA_MIN_M", "256")) or None)
     """Hopper: M >= this may take the wgmma path under ``auto`` (env ``HDRQ_WGMMA_MIN_M``; 0 turns it off).
@@ -61,8 +69,6 @@ class GemmDispatch:
     wgmma_min_waves: float = 0.9
     """... and only when its 128x128 tiles fill at least this fraction of the SMs (else mma's smaller tiles
     keep more of the GPU busy)."""
-    decode_blocks_per_sm: float = 2.0
-    """Decode split-K aims at this many blocks per SM (enough weight bytes in flight to saturate HBM)."""
     mma_blocks_per_sm: float = 1.0
     """General path: split K only while the output tiles fill fewer than this many blocks per SM."""
     max_partial_fraction: float = 0.25
@@ -161,8 +167,8 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
         bm, bn, bk = tile_info(1, 0, w_bits)[:3]
         return Plan("wgmma", 0, 1, bm, bn, bk)
     if path == "decode":
-        config = next((c for top, c in _DECODE_CONFIGS if m <= top), _DECODE_CONFIGS[-1][1])
-        blocks_per_sm = d.decode_blocks_per_sm
+        _, name, blocks_per_sm = next((b for b in d.decode_configs if m <= b[0]), d.decode_configs[-1])
+        config = DECODE_CONFIGS[name][0]
     else:
         bm128, bn128 = tile_info(0, _TILE128, w_bits)[:2]
         config = _TILE128 if _cdiv(m, bm128) * _cdiv(n, bn128) >= sms else _TILE64
@@ -172,6 +178,16 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
         raise ops.Unsupported(f"M = {m} needs more than 65535 row tiles of {bm}")
     splits = _splits(m, n, k, w_bits, bm, bn, bk, sms, blocks_per_sm, d)
     return Plan(path, config, splits, bm, bn, bk)
+
+
+def plan_for_config(m: int, n: int, k: int, w_bits: int, config: str, splits: int) -> Plan:
+    """The plan of decode configuration ``config`` (a name in :data:`DECODE_CONFIGS`) with ``splits`` K splits,
+    for ``int_gemm_out(..., plan_override=...)``; ValueError if K has fewer stage tiles than splits."""
+    index = DECODE_CONFIGS[config][0]
+    bm, bn, bk = tile_info(0, index, w_bits)[:3]
+    if not 1 <= splits <= _cdiv(k, bk):
+        raise ValueError(f"{config}: {splits} splits of K = {k} in steps of {bk}")
+    return Plan("decode", index, splits, bm, bn, bk)
 
 
 # ---------------------------------------------------------------------------------------- wgmma check
@@ -298,10 +314,11 @@ def _current_path() -> str:
 
 
 def int_gemm_out(out: Tensor, a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                 w_bits: int, path: Optional[str] = None) -> Plan:
+                 w_bits: int, path: Optional[str] = None, plan_override: Optional[Plan] = None) -> Plan:
     """Run the GEMM into a caller-provided ``out`` ([M, N], bf16/fp16/fp32, or int32 for the accumulator)
     and return the plan it ran. Raises :class:`hdrq.ops.Unsupported` for inputs the kernels cannot take.
-    (Tests call this with poisoned ``out`` tensors.)"""
+    (Tests call this with poisoned ``out`` tensors.) ``plan_override``: run exactly this plan (path, config,
+    splits; from :func:`plan_for_config`) instead of the dispatcher's: for tests and bench/tune_gemm.py."""
     if a_q.device.type != "cuda":
         raise ops.Unsupported(f"the CUDA GEMM runs on CUDA tensors, got {a_q.device}")
     m, k = a_q.shape
@@ -318,7 +335,7 @@ def int_gemm_out(out: Tensor, a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: 
         if t is not None and not t.is_contiguous():
             raise ops.Unsupported(f"{name} must be contiguous, got strides {tuple(t.stride())}")
     a_aligned = a_q.stride(0) % 16 == 0 and a_q.data_ptr() % 16 == 0
-    pl = plan(m, n, k, w_bits, a_q.device, path or _current_path(), a_aligned=a_aligned)
+    pl = plan_override or plan(m, n, k, w_bits, a_q.device, path or _current_path(), a_aligned=a_aligned)
     splits = pl.splits
     counters = partials = _empty_int32(a_q.device)
     if splits > 1:

@@ -172,6 +172,34 @@ def test_int32_output_poisoned(cuda_backend, force_path, path):
     assert torch.equal(out, ref.int_matmul_acc(a, q))
 
 
+DECODE_NAMES = ["Decode16", "Decode32", "Decode64", "Decode16K256", "Decode16Deep", "Decode32N128", "Decode64N128"]
+
+
+@pytest.mark.parametrize("config", DECODE_NAMES)
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("m,n,k,splits", [(1, 4104, 1028, 1), (17, 272, 2080, 3), (64, 1000, 4096, 5),
+                                          (3, 24, 20, 1)])
+def test_every_decode_config(cuda_backend, config, bits, m, n, k, splits):
+    """Every decode tile configuration (whichever GemmDispatch picks), split or not, with ragged N, K and M
+    tiles: the exact accumulator and the bf16 epilogue into poisoned outputs."""
+    q, w = weights(n, k, bits)
+    a = acts(m, k)
+    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
+    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    pl = cuda_backend.plan_for_config(m, n, k, bits, config, splits)
+    acc = torch.full((m, n), -0x5A5A5A5B, dtype=torch.int32, device="cuda")
+    ones = torch.ones(n, device="cuda")
+    for _ in range(2):  # twice: split-K counters must be back at zero
+        ran = cuda_backend.int_gemm_out(acc, a, ones[:1], w, ones, None, bits, plan_override=pl)
+        assert (ran.config, ran.splits) == (pl.config, splits)
+        assert torch.equal(acc, ref.int_matmul_acc(a, q))
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, plan_override=pl)
+    want = ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.float32)
+    assert torch.equal(out, want.to(torch.bfloat16))
+
+
 def test_strided_output_rows(cuda_backend):
     """out with a row stride larger than N (a view), odd N: scalar stores, nothing outside the view."""
     q, w = weights(37, 256, 8)
@@ -188,7 +216,8 @@ def test_strided_output_rows(cuda_backend):
 @pytest.mark.parametrize("splits_wanted", [2, 3, 7, 16])
 def test_split_k(cuda_backend, monkeypatch, path, splits_wanted):
     """Force many K splits (the last split to arrive sums the partials, then leaves the counters zero)."""
-    d = dataclasses.replace(cuda_backend.DISPATCH, decode_blocks_per_sm=64.0, mma_blocks_per_sm=64.0,
+    many = tuple((top, name, 64.0) for top, name, _ in cuda_backend.DISPATCH.decode_configs)
+    d = dataclasses.replace(cuda_backend.DISPATCH, decode_configs=many, mma_blocks_per_sm=64.0,
                             max_partial_fraction=1e9, max_splits=splits_wanted, min_k_tiles_per_split=1)
     monkeypatch.setattr(cuda_backend, "DISPATCH", d)
     for bits in (6, 8):

@@ -178,6 +178,14 @@ CASES = [
     (4, 6, 129, 20, 96, 1, {}),
     (4, 8, 129, 136, 100, 2, {"order": _reverse}),
     (0, 6, 1, 48, 256, 1, {"a_vals": (0, 64)}),     # unsigned 6-bit activations
+    (5, 8, 1, 80, 600, 2, {}),                        # K step 256: partial last stage
+    (5, 6, 9, 40, 548, 1, {}),
+    (6, 8, 3, 70, 1100, 1, {}),                       # 8 stages, more k-tiles than stages
+    (6, 6, 16, 33, 300, 2, {"order": _reverse}),
+    (7, 8, 20, 150, 200, 2, {}),                      # 32 x 128: two panels per warp, partial panels
+    (7, 6, 32, 136, 160, 1, {}),
+    (8, 8, 64, 140, 160, 1, {}),
+    (8, 6, 50, 130, 300, 2, {"order": _shuffled}),
 ]
 
 
@@ -220,7 +228,7 @@ def test_emulation_detects_swapped_fragments(monkeypatch):
 
 def test_emulator_parses_every_config():
     configs = E.parse_configs()
-    assert sorted(configs) == list(range(5))
+    assert sorted(configs) == list(range(9))
     for c, (mf, wm, wn, npw, bku, stages) in configs.items():
         t = E.traits(c, 8)
         assert t.BM % 16 == 0 and t.BN % 16 == 0 and t.BK % 32 == 0 and stages >= 2
