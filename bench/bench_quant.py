@@ -40,7 +40,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cli, copy_bandwidth_gbs, device_info, section, time_ms, write  # noqa: E402
+from common import cli, copy_bandwidth_gbs, device_info, gpu_kernel_us, section, time_ms, write  # noqa: E402
 
 import hdrq  # noqa: E402
 from hdrq import ops  # noqa: E402
@@ -117,6 +117,17 @@ class Table:
         self.rows.append([case, str(dtype).replace("torch.", ""), impl, round(ms, 4), round(gbs), round(100 * gbs /
                           self.copy_gbs, 1), round(floor, 4), vs])
         return ms
+
+    def add_gpu_time(self, case, dtype, impl, fn, nbytes, ours_us=None) -> float:
+        """A row of the GPU time of ``fn``'s kernels alone (profiler), host launch gaps left out; in ms."""
+        _, us = gpu_kernel_us(fn)
+        ms = us * 1e-3
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        floor = nbytes / (self.copy_gbs * 1e9) * 1e3
+        vs = round(us / ours_us, 2) if ours_us else "-"
+        self.rows.append([case, str(dtype).replace("torch.", ""), impl + " [GPU kernel time only]", round(ms, 4),
+                          round(gbs), round(100 * gbs / self.copy_gbs, 1), round(floor, 4), vs])
+        return us
 
 
 def failed(title: str, err: BaseException) -> dict:
@@ -230,10 +241,15 @@ def noise_backward(dev, n, dtypes, t: Table) -> dict:
         t.add("", dt, "eager autograd of w + s*(rand_like(w) - 0.5)", eager_fb, nb5, ours)
         with backend("reference"):
             t.add("", dt, "hdrq reference (eager, same semantics)", ours_fb, nb5, ours)
+        if dev.type == "cuda":
+            with backend("triton"):
+                ours_gpu = t.add_gpu_time("", dt, "hdrq triton (uniform)", ours_fb, nb5)
+            t.add_gpu_time("", dt, "eager autograd of w + s*(rand_like(w) - 0.5)", eager_fb, nb5, ours_gpu)
         del w, g, wr
     notes = ("Backward bytes: read g, read x, write dx (ds: one fp32 partial per 4096 elements, then a fixed-order "
              "sum). Target: >= 75% of copy bandwidth. Forward + backward bytes: 5 x element size; ANCHORS.md "
-             "eager 1.419 ms fp32 / 0.847 ms bf16, floor 0.445 / 0.222 ms.")
+             "eager 1.419 ms fp32 / 0.847 ms bf16, floor 0.445 / 0.222 ms. [GPU kernel time only] rows: the sum of "
+             "the CUDA kernels (torch.profiler), without the GPU's waits for the host between launches.")
     return section(title, COLUMNS, t.rows, notes)
 
 
@@ -258,7 +274,14 @@ def fake_quant_fwd_bwd(dev, n, t: Table) -> dict:
     t.add("fwd + bwd", torch.float32, "torch._fake_quantize_learnable_per_channel_affine", theirs, nb, o)
     with backend("reference"):
         t.add("fwd + bwd", torch.float32, "hdrq reference (eager)", ours, nb, o)
-    notes = "Target: ours >= 3x faster than torch's learnable fake quant (ANCHORS.md: 1.773 ms on 8192^2)."
+    if dev.type == "cuda":
+        with backend("triton"):
+            o_gpu = t.add_gpu_time("fwd + bwd", torch.float32, "hdrq triton", ours, nb)
+        t.add_gpu_time("fwd + bwd", torch.float32, "torch._fake_quantize_learnable_per_channel_affine", theirs, nb,
+                       o_gpu)
+    notes = ("Target: ours >= 3x faster than torch's learnable fake quant (ANCHORS.md: 1.773 ms on 8192^2). "
+             "[GPU kernel time only] rows: the sum of the call's CUDA kernels (torch.profiler), without the time "
+             "the GPU waits for the host between launches; the other rows are wall time on the GPU stream.")
     return section(title, COLUMNS, t.rows, notes)
 
 

@@ -24,6 +24,25 @@ def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def gpu_kernel_us(fn: Callable[[], object], iters: int = 10) -> tuple[dict, float]:
+    """GPU time of ``fn()``'s CUDA kernels alone, from torch.profiler: ({kernel name: us per call}, their sum).
+    Unlike :func:`time_ms`, this leaves out the time the GPU waits for the host to launch the next kernel."""
+    from collections import defaultdict
+
+    fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per: dict = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:90]] += e.device_time / iters  # device_time is in microseconds
+    return dict(per), sum(per.values())
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written) measured now, in GB/s: the memory ceiling."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()

@@ -15,6 +15,7 @@ OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR [STAGES]}
 STAGES=${2:-build,test,sanitize,bench}
 BENCHES=${BENCHES:-gemm quant calib merge deploy}   # which bench/bench_<area>.py to run, in order
 TESTS=${TESTS:-tests}                               # which test files the `test` stage runs
+TUNES=${TUNES:-gemm quant}                          # which bench/tune_<area>.py the `tune` stage runs
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/check.log"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
@@ -44,9 +45,13 @@ if has sanitize && [ -f bench/sanitize_gemm.py ]; then
 fi
 
 if has tune; then
-  run 300 $PY bench/tune_gemm.py --out "$OUTDIR/tune_gemm.json" --dispatch-out "$OUTDIR/dispatch.json" \
-    || say "TUNE gemm FAILED"
-  run 120 $PY bench/tune_quant.py --out "$OUTDIR/tune_quant.json" || say "TUNE quant FAILED"
+  if [[ " $TUNES " == *" gemm "* ]]; then
+    run 300 $PY bench/tune_gemm.py --out "$OUTDIR/tune_gemm.json" --dispatch-out "$OUTDIR/dispatch.json" \
+      || say "TUNE gemm FAILED"
+  fi
+  if [[ " $TUNES " == *" quant "* ]]; then
+    run 120 $PY bench/tune_quant.py --out "$OUTDIR/tune_quant.json" || say "TUNE quant FAILED"
+  fi
 fi
 
 if has bench; then

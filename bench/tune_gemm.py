@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemm import L2_ROTATE_BYTES, SHAPES, Case, graph_time_us  # noqa: E402
 from common import cli, copy_bandwidth_gbs, section, write  # noqa: E402
 
-from hdrq import ops  # noqa: E402
 
 MS = [1, 16, 32, 64]
 SPLITS = list(range(1, 17))

@@ -12,31 +12,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import defaultdict
-
 import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cli, copy_bandwidth_gbs, section, time_ms, write  # noqa: E402
+from common import cli, copy_bandwidth_gbs, gpu_kernel_us, section, time_ms, write  # noqa: E402
 
 from hdrq import ops  # noqa: E402
-
-
-def kernel_times(fn, iters: int = 5) -> tuple[dict, float]:
-    """{CUDA kernel name: microseconds per iteration} and their sum, from torch.profiler."""
-    fn()
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name[:90]] += e.device_time / iters  # device_time: microseconds
-    return dict(per), sum(per.values())
 
 
 def host_us(fn, iters: int = 50) -> float:
@@ -73,7 +55,7 @@ def autograd_profile(n: int) -> dict:
     ops.set_backend("triton")
     try:
         for name, fn in cases.items():
-            per, total = kernel_times(fn)
+            per, total = gpu_kernel_us(fn)
             bench = time_ms(fn) * 1e3
             host = host_us(fn)
             kernels = "; ".join(f"{k} {v:.0f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
@@ -85,6 +67,44 @@ def autograd_profile(n: int) -> dict:
                    ["call", "do_bench us", "sum of CUDA kernels us", "host us per call", "kernels", "kernel us"],
                    rows, "do_bench: median wall time on the GPU stream (as bench_quant.py). Kernel times from "
                          "torch.profiler, per iteration. Host: time to issue one call with the GPU far behind.")
+
+
+def host_profile(n: int) -> dict:
+    """cProfile of the host side of noise_fake_quant forward + backward through autograd: where the
+    per-call launch overhead goes (Python functions by own time)."""
+    import cProfile
+    import pstats
+
+    dev = torch.device("cuda")
+    wr = torch.randn(n, n, device=dev).requires_grad_()
+    sr = (torch.rand(n, device=dev) * 0.05 + 0.01).requires_grad_()
+    g = torch.randn_like(wr)
+    ops.set_backend("triton")
+    try:
+        def fn():
+            return torch.autograd.grad(ops.noise_fake_quant(wr, sr, bits=4, axis=0, seed=1), (wr, sr), g)
+
+        fn()
+        torch.cuda.synchronize()
+        calls = 200
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+    finally:
+        ops.set_backend("auto")
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, _) in sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:25]:
+        rows.append([f"{os.path.basename(file)}:{line} {func}", round(tt / calls * 1e6, 1), round(ct / calls * 1e6, 1),
+                     round(nc / calls, 1)])
+    total = sum(v[2] for v in st.stats.values()) / calls * 1e6
+    print(f"host profile: {total:.0f} us of Python per call; top: {rows[:5]}", flush=True)
+    return section(f"host side of noise_fake_quant forward + backward through autograd ({n} x {n}, triton), cProfile",
+                   ["function", "own us per call", "cumulative us per call", "calls per call"], rows,
+                   f"{total:.0f} us of profiled Python per forward + backward (cProfile inflates small functions).")
 
 
 def per_token_sweep(copy_gbs: float) -> dict:
@@ -128,7 +148,7 @@ def per_token_sweep(copy_gbs: float) -> dict:
 def main():
     args = cli(__doc__.splitlines()[0])
     bw = copy_bandwidth_gbs()
-    sections = [autograd_profile(4096 if args.quick else 8192), per_token_sweep(bw)]
+    sections = [autograd_profile(4096 if args.quick else 8192), host_profile(1024), per_token_sweep(bw)]
     write(args.out, sections, {"copy_gbs": bw})
 
 
