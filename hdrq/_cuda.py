@@ -69,9 +69,11 @@ class GemmDispatch:
     wgmma_bits: tuple = (8,)
     """Weight widths that take wgmma under ``auto``: 6-bit wgmma (in-kernel expansion) measured no faster than
     mma (458 vs 462 us at M = 2048, 1913 vs 1829 us at M = 8192 on 4096x14336), so 6-bit stays on mma."""
-    wgmma_min_waves: float = 0.9
+    wgmma_min_waves: float = 0.45
     """... and only when its 128x128 tiles fill at least this fraction of the SMs (else mma's smaller tiles
-    keep more of the GPU busy)."""
+    keep more of the GPU busy). 0.45 lets N = 4096 at M = 256 (64 tiles, 0.48 of 132 SMs) take wgmma: measured
+    on an H100 (bench/RESULTS.md, 2026-11-26 run 5) 84.8 vs 110.3 us (4096x14336) and 36.2 vs 37.3 us (4096x4096)
+    for W8A8 against the mma path it took at 0.9."""
     mma_blocks_per_sm: float = 1.0
     """General path: split K only while the output tiles fill fewer than this many blocks per SM."""
     max_partial_fraction: float = 0.25

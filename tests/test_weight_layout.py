@@ -259,8 +259,8 @@ c._device_info = lambda index: (90, 132)
 dev = torch.device("cuda", 0)
 out = {{}}
 for m, n, k, bits in [(1, 4096, 4096, 6), (1, 14336, 4096, 8), (16, 4096, 4096, 6), (16, 4096, 14336, 8),
-                      (33, 4096, 4096, 8), (64, 4096, 4096, 6), (65, 4096, 4096, 8), (256, 4096, 4096, 6),
-                      (2048, 4096, 4096, 8), (8192, 14336, 4096, 6), (1, 8, 4, 6)]:
+                      (33, 4096, 4096, 8), (64, 4096, 4096, 6), (64, 4096, 14336, 8), (65, 4096, 4096, 8),
+                      (256, 4096, 4096, 6), (2048, 4096, 4096, 8), (8192, 14336, 4096, 6), (1, 8, 4, 6)]:
     p = c.plan(m, n, k, bits, dev)
     out[(m, n, k, bits)] = (p.path, p.bm, p.bn, p.splits)
 for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
@@ -292,8 +292,10 @@ def test_cuda_glue_plans_on_cpu():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = ast.literal_eval(r.stdout.strip().splitlines()[-1])
-    assert out[(1, 4096, 4096, 6)] == ("decode", 16, 64, 5)       # 64 tiles: split K to ~2 blocks per SM
-    assert out[(1, 14336, 4096, 8)] == ("decode", 16, 64, 2)
+    # split-K aims at the fitted 1 block per SM for M <= 16 (GemmDispatch.decode_configs, 132 SMs here)
+    assert out[(1, 4096, 4096, 6)] == ("decode", 16, 64, 3)       # 64 tiles -> 3 splits
+    assert out[(1, 14336, 4096, 8)] == ("decode", 16, 64, 1)      # 224 tiles already fill the GPU
+    assert out[(64, 4096, 14336, 8)] == ("decode", 64, 64, 4)     # 1.5 blocks per SM for M <= 64
     assert out[(16, 4096, 4096, 6)][:3] == ("decode", 16, 64) and 1 < out[(16, 4096, 4096, 6)][3] <= 5
     assert out[(33, 4096, 4096, 8)][:3] == ("decode", 64, 64)
     assert out[(64, 4096, 4096, 6)][:3] == ("decode", 64, 64)
