@@ -376,6 +376,71 @@ def test_torch_compile_traces_ops():
     torch.testing.assert_close(compiled(x, s), f(x, s))
 
 
+# ---------------------------------------------------------------------------------------------- direct path
+
+def _all_public_calls(x, s, g):
+    """Every public op on the inputs: outputs, and gradients where the op has them."""
+    out = {}
+    for name, f in [("fake_quant", lambda a, b: ops.fake_quant(a, b, bits=4, axis=1)),
+                    ("noise_fake_quant", lambda a, b: ops.noise_fake_quant(a, b, bits=4, axis=1, seed=7)),
+                    ("noise_hist", lambda a, b: ops.noise_fake_quant(a, b, bits=3, axis=1, seed=7, mode="histogram")),
+                    ("qdrop", lambda a, b: ops.qdrop_fake_quant(a, b[:1], bits=4, seed=7, noise=True))]:
+        xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+        y = f(xr, sr)
+        out[name] = (y.detach(),) + torch.autograd.grad(y, (xr, sr), g)
+        out[name + " no grad"] = f(x, s)
+    q = torch.randint(-32, 32, (5, 8), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    a_q, a_s = ops.quantize_per_token(x, bits=6)
+    out["per_token"] = (a_q, a_s)
+    out["noise"] = ops.uniform_noise([3, 5], 11)
+    out["int6"] = ops.unpack_int6(ops.pack_int6(q), [5, 8])
+    w_s, bias = torch.linspace(0.1, 0.5, 5), torch.linspace(-1, 1, 5)
+    out["int_matmul"] = ops.int_matmul(a_q, a_s, ops.pack_weight(q, 6), w_s, w_bits=6, bias=bias,
+                                       out_dtype=torch.float32)
+    out["int32"] = ops.int_matmul_int32(a_q, ops.pack_weight(q, 8), w_bits=8)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_direct_path_equals_custom_op_path(monkeypatch, backend):
+    """Eager calls skip the custom-op dispatch (ops.DIRECT); the results and gradients are those of the custom
+    ops, exactly (the same implementation runs)."""
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(ops, "_backend", backend)  # ops.set_backend(backend), undone after the test
+    torch.manual_seed(0)
+    x, s, g = torch.randn(6, 8), torch.rand(8) * 0.2 + 0.05, torch.randn(6, 8)
+    monkeypatch.setattr(ops, "DIRECT", True)
+    direct = _all_public_calls(x, s, g)
+    monkeypatch.setattr(ops, "DIRECT", False)
+    via_op = _all_public_calls(x, s, g)
+    assert direct.keys() == via_op.keys()
+    for k in direct:
+        a, b = direct[k], via_op[k]
+        a, b = (a,) if isinstance(a, torch.Tensor) else a, (b,) if isinstance(b, torch.Tensor) else b
+        assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b)), k
+
+
+def test_direct_path_is_taken_only_where_safe(monkeypatch):
+    """Plain eager tensors take the direct path; compile, fake tensors, dispatch modes and functorch
+    transforms see the custom op (counted by wrapping torch.ops.hdrq.fake_quant)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert ops.DIRECT and ops._direct(torch.ones(2), torch.nn.Parameter(torch.ones(2)), None)
+    with FakeTensorMode() as mode:
+        fx, fs = mode.from_tensor(torch.ones(4, 2)), mode.from_tensor(torch.ones(2))
+        assert not ops._direct(fx, fs)
+        y = ops.fake_quant(fx, fs, bits=4, axis=1)  # through the custom op's fake implementation
+        assert y.shape == (4, 2)
+    x, s = torch.randn(4, 3), torch.rand(3) + 0.1
+    seen = []
+    monkeypatch.setattr(ops, "_direct", lambda *t, real=ops._direct: seen.append(real(*t)) or seen[-1])
+    ops.fake_quant(x, s, bits=4, axis=1)
+    vmapped = torch.func.vmap(lambda r: ops.quantize_per_token(r[None], bits=8)[1])(x)
+    assert seen[0] is True and seen[-1] is False  # the vmapped call saw a functorch-wrapped tensor
+    assert vmapped.shape == (4, 1)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("call,err,match", [
