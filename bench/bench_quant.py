@@ -110,24 +110,20 @@ class Table:
         self.copy_gbs, self.timer, self.rows = copy_gbs, timer, []
 
     def add(self, case, dtype, impl, fn, nbytes, ours_ms=None, rep_ms=200):
-        ms = self.timer(fn, rep_ms=rep_ms)
+        """A row of ``fn``'s wall time on the GPU stream; returns it in ms."""
+        return self._row(case, dtype, impl, self.timer(fn, rep_ms=rep_ms), nbytes, ours_ms)
+
+    def add_gpu_time(self, case, dtype, impl, fn, nbytes, ours_ms=None):
+        """A row of the GPU time of ``fn``'s kernels alone (profiler), host launch gaps left out; in ms."""
+        return self._row(case, dtype, impl + " [GPU kernel time only]", gpu_kernel_us(fn)[1] * 1e-3, nbytes, ours_ms)
+
+    def _row(self, case, dtype, impl, ms, nbytes, ours_ms):
         gbs = nbytes / (ms * 1e-3) / 1e9
         floor = nbytes / (self.copy_gbs * 1e9) * 1e3
         vs = round(ms / ours_ms, 2) if ours_ms else "-"
         self.rows.append([case, str(dtype).replace("torch.", ""), impl, round(ms, 4), round(gbs), round(100 * gbs /
                           self.copy_gbs, 1), round(floor, 4), vs])
         return ms
-
-    def add_gpu_time(self, case, dtype, impl, fn, nbytes, ours_us=None) -> float:
-        """A row of the GPU time of ``fn``'s kernels alone (profiler), host launch gaps left out; in ms."""
-        _, us = gpu_kernel_us(fn)
-        ms = us * 1e-3
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        floor = nbytes / (self.copy_gbs * 1e9) * 1e3
-        vs = round(us / ours_us, 2) if ours_us else "-"
-        self.rows.append([case, str(dtype).replace("torch.", ""), impl + " [GPU kernel time only]", round(ms, 4),
-                          round(gbs), round(100 * gbs / self.copy_gbs, 1), round(floor, 4), vs])
-        return us
 
 
 def failed(title: str, err: BaseException) -> dict:

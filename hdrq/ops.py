@@ -171,7 +171,7 @@ def _run(op: str, device: torch.device, *args):
 DIRECT = os.environ.get("HDRQ_DIRECT", "1") != "0"
 """Whether eager calls may bypass the custom-op dispatch (env ``HDRQ_DIRECT=0`` turns it off). A
 ``torch.library`` custom op costs tens of microseconds of host time per eager call (argument normalisation,
-its autograd wrapper, a ``torch._dynamo.disable`` frame): a quantizer forward + backward spends ~62 us in it
+its autograd wrapper, a ``torch._dynamo.disable`` frame): a quantizer forward + backward spends ~60 us in it
 against ~28 us on the direct path (2-core CPU, kernels stubbed out), and on slower hosts that bounds the
 calibration of small blocks and the decode of converted layers. Results are identical either way (the same
 implementation runs; tests compare the two paths)."""
