@@ -324,6 +324,12 @@ def per_token(dev, m, k, t: Table) -> dict:
         o = t.add("8-bit", torch.bfloat16, "hdrq triton (one pass)", lambda: ops.quantize_per_token(x, bits=8), nb)
         t.add("6-bit", torch.bfloat16, "hdrq triton (one pass)", lambda: ops.quantize_per_token(x, bits=6), nb)
     t.add("8-bit", torch.bfloat16, "eager PyTorch (hdrq reference)", lambda: ref.quantize_per_token(x, 8), nb, o)
+    if dev.type == "cuda":
+        with backend("triton"):
+            o_gpu = t.add_gpu_time("8-bit", torch.bfloat16, "hdrq triton (one pass)",
+                                   lambda: ops.quantize_per_token(x, bits=8), nb)
+        t.add_gpu_time("8-bit", torch.bfloat16, "eager PyTorch (hdrq reference)", lambda: ref.quantize_per_token(x, 8),
+                       nb, o_gpu)
     notes = "Target: >= 80% of copy bandwidth. ANCHORS.md: eager 0.594 ms, floor 0.033 ms (8192 x 4096)."
     return section(title, COLUMNS, t.rows, notes)
 

@@ -181,8 +181,8 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 def _direct(*tensors: Optional[Tensor]) -> bool:
     """True when a public call may run its implementation directly: eager mode, plain tensors, no dispatch
-    mode and no functorch transform around it (those must see the custom op)."""
-    if not DIRECT or torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+    mode, no ``torch.jit.trace`` and no functorch transform around it (those must see the custom op)."""
+    if not DIRECT or torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode():
         return False
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TENSORS or torch._C._functorch.is_functorch_wrapped_tensor(t)):

@@ -439,6 +439,8 @@ def test_direct_path_is_taken_only_where_safe(monkeypatch):
     vmapped = torch.func.vmap(lambda r: ops.quantize_per_token(r[None], bits=8)[1])(x)
     assert seen[0] is True and seen[-1] is False  # the vmapped call saw a functorch-wrapped tensor
     assert vmapped.shape == (4, 1)
+    traced = torch.jit.trace(lambda a: ops.fake_quant(a, s, bits=4, axis=1), (x,), check_trace=False)
+    assert seen[-1] is False and "hdrq::fake_quant" in str(traced.graph)  # the trace records the op
 
 
 # ---------------------------------------------------------------------------------------------- bad input
