@@ -5,7 +5,7 @@ each decode configuration of ``hdrq._cuda.DECODE_CONFIGS`` that serves M's bucke
 each K split count, the plan ``auto`` picks today, and cuBLAS bf16 in the same run. Same timing as
 bench_gemm.py: CUDA graphs of several calls, weights rotated over copies larger than L2. Writes the full grid
 and a summary (best configuration and splits per case, against ``auto``) for bench/report.py; the
-dispatcher's defaults (``GemmDispatch.decode_configs``, ``decode_blocks_per_sm``) are set from it.
+dispatcher's default (``GemmDispatch.decode_configs``: configuration and split-K target per bucket) is set from it.
 
     python bench/tune_gemm.py --out tune_gemm.json [--quick] [--dispatch-out dispatch.json]
     python bench/bench_gemm.py --out gemm.json --dispatch dispatch.json   # benchmark with the fitted choice
@@ -69,7 +69,7 @@ def main():
     args = cli(__doc__.splitlines()[0], {"--dispatch-out": "also write the chosen GemmDispatch fields here (JSON)"})
     import hdrq._cuda as hc
 
-    ms = [1, 64] if args.quick else MS
+    ms = [1, 32, 64] if args.quick else MS  # one M per decode bucket
     shapes = SHAPES[:2] if args.quick else SHAPES
     bw = copy_bandwidth_gbs()
     grid, summary = [], []

@@ -202,11 +202,23 @@ class _EagerQuantizer(torch.autograd.Function):
         return _run(op, x.device, x, scale, *args)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, scale = ctx.saved_tensors
-        dx, ds = _run(ctx.op + "_backward", x.device, grad, x, scale, *ctx.args)
+        # create_graph=True (grad mode on here) or a batched / traced grad: the backward custom op, which
+        # handles those exactly as the registered autograd does (and refuses a second derivative loudly).
+        if torch.is_grad_enabled() or not _direct(grad, x, scale):
+            dx, ds = getattr(torch.ops.hdrq, ctx.op + "_backward")(grad, x, scale, *ctx.args)
+        else:
+            dx, ds = _run(ctx.op + "_backward", x.device, grad, x, scale, *ctx.args)
         return (None, dx, ds) + (None,) * len(ctx.args)
+
+
+def _direct_no_grad(*tensors: Optional[Tensor]) -> bool:
+    """:func:`_direct` for the ops without a backward: only when no input asks for a gradient, so that such a
+    call fails as the custom op does ("no autograd formula") instead of silently cutting or faking the graph."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return _direct(*tensors)
 
 
 def _quantizer(op: str, x: Tensor, scale: Tensor, *args) -> Tensor:
@@ -519,7 +531,7 @@ def quantize_per_token(x: Tensor, *, bits: int) -> tuple[Tensor, Tensor]:
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"quantize_per_token: x must be [M, K] with K >= 1, got shape {tuple(x.shape)}")
     _check_bits(bits)
-    if _direct(x):
+    if _direct_no_grad(x):
         return _run("quantize_per_token", x.device, x, bits)
     return torch.ops.hdrq.quantize_per_token(x, bits)
 
@@ -541,7 +553,7 @@ def pack_int6(q: Tensor) -> Tensor:
                          f"got shape {tuple(q.shape)}")
     if q.numel() > 0 and not torch.compiler.is_compiling():
         _check_int6_values(q)
-    if _direct(q):
+    if _direct_no_grad(q):
         return _run("pack_int6", q.device, q)
     return torch.ops.hdrq.pack_int6(q)
 
@@ -558,7 +570,7 @@ def unpack_int6(packed: Tensor, shape: Sequence[int]) -> Tensor:
     if tuple(packed.shape) != expect:
         raise ValueError(f"unpack_int6: for shape {shape} packed must have shape {expect}, "
                          f"got {tuple(packed.shape)}")
-    if _direct(packed):
+    if _direct_no_grad(packed):
         return _run("unpack_int6", packed.device, packed, shape)
     return torch.ops.hdrq.unpack_int6(packed, shape)
 
@@ -642,7 +654,7 @@ def int_matmul(a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, *, w_bi
     devices = {t.device for t in (a_q, a_scale, w, w_scale) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"int_matmul: all inputs must be on one device, got {sorted(map(str, devices))}")
-    if _direct(a_q, a_scale, w, w_scale, bias):
+    if _direct_no_grad(a_q, a_scale, w, w_scale, bias):
         return _run("int_matmul", a_q.device, a_q, a_scale, w, w_scale, w_bits, bias, out_dtype)
     return torch.ops.hdrq.int_matmul(a_q, a_scale, w, w_scale, w_bits, bias, out_dtype)
 
@@ -679,6 +691,6 @@ def int_matmul_int32(a_q: Tensor, w: Tensor, *, w_bits: int) -> Tensor:
     _check_weight(w, w_bits, w.shape[0], a_q.shape[1], "int_matmul_int32")
     if a_q.device != w.device:
         raise ValueError(f"int_matmul_int32: a_q is on {a_q.device} but w is on {w.device}")
-    if _direct(a_q, w):
+    if _direct_no_grad(a_q, w):
         return _run("int_matmul_int32", a_q.device, a_q, w, w_bits)
     return torch.ops.hdrq.int_matmul_int32(a_q, w, w_bits)

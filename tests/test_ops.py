@@ -443,6 +443,27 @@ def test_direct_path_is_taken_only_where_safe(monkeypatch):
     assert seen[-1] is False and "hdrq::fake_quant" in str(traced.graph)  # the trace records the op
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_path_keeps_the_custom_ops_autograd_edges(monkeypatch, direct):
+    """What the custom ops refuse, the direct path refuses too: a gradient through an op without a backward, and
+    a second derivative of a quantizer; batched gradients work on both paths."""
+    monkeypatch.setattr(ops, "DIRECT", direct)
+    x = torch.randn(4, 8, requires_grad=True)
+    s = (torch.rand(8) + 0.1).requires_grad_()
+    with pytest.raises(RuntimeError):
+        ops.quantize_per_token(x, bits=8)[1].sum().backward()  # no autograd formula: never a silent gradient
+    y = ops.fake_quant(x, s, bits=4, axis=1)
+    dx, = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(dx.sum(), x)  # no second derivative: loud, not zero
+    eye = torch.eye(4 * 8).reshape(32, 4, 8)
+    y = ops.noise_fake_quant(x, s, bits=4, axis=1, seed=3)
+    jac, = torch.autograd.grad(y, x, eye, is_grads_batched=True)
+    assert jac.shape == (32, 4, 8)
+    torch.testing.assert_close(jac.sum(0), torch.autograd.grad(ops.noise_fake_quant(x, s, bits=4, axis=1, seed=3),
+                                                               x, torch.ones(4, 8))[0])
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("call,err,match", [
