@@ -19,8 +19,9 @@ A device implementation that cannot take particular inputs (a dtype, an alignmen
 :class:`Unsupported`; the reference then runs instead, with a one-time warning, never a wrong result.
 
 Eager calls on plain tensors skip the custom-op dispatch (see :func:`_direct`): they run the same
-implementation through :func:`_run`, with autograd from :class:`_EagerQuantizer`. ``torch.compile``, tensor
-subclasses (fake tensors), dispatch modes and functorch transforms go through the custom ops.
+implementation through :func:`_run`, with autograd from :class:`_EagerQuantizer`. ``torch.compile``,
+``torch.jit.trace``, tensor subclasses (fake tensors), dispatch modes and functorch transforms go through the
+custom ops.
 
 Code above this module calls the public functions below and never imports Triton or the extension.
 """
@@ -213,12 +214,14 @@ class _EagerQuantizer(torch.autograd.Function):
         return (None, dx, ds) + (None,) * len(ctx.args)
 
 
-def _direct_no_grad(*tensors: Optional[Tensor]) -> bool:
-    """:func:`_direct` for the ops without a backward: only when no input asks for a gradient, so that such a
-    call fails as the custom op does ("no autograd formula") instead of silently cutting or faking the graph."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return _direct(*tensors)
+def _call(op: str, device: torch.device, tensors: tuple, *args):
+    """Call ``op`` (one without a backward) with ``args`` on the fastest safe path. ``tensors``: its tensor
+    arguments. Direct only when none of them asks for a gradient, so that such a call fails as the custom op does
+    ("no autograd formula") instead of silently cutting or faking the graph."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not wants_grad and _direct(*tensors):
+        return _run(op, device, *args)
+    return getattr(torch.ops.hdrq, op)(*args)
 
 
 def _quantizer(op: str, x: Tensor, scale: Tensor, *args) -> Tensor:
@@ -517,9 +520,7 @@ def uniform_noise(shape: Sequence[int], seed: int, device: str | torch.device | 
         raise ValueError(f"uniform_noise: shape must be non-negative, got {shape}")
     seed = _check_seed("uniform_noise", seed)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if _direct():
-        return _run("uniform_noise", device, shape, seed, device)
-    return torch.ops.hdrq.uniform_noise(shape, seed, device)
+    return _call("uniform_noise", device, (), shape, seed, device)
 
 
 def quantize_per_token(x: Tensor, *, bits: int) -> tuple[Tensor, Tensor]:
@@ -531,9 +532,7 @@ def quantize_per_token(x: Tensor, *, bits: int) -> tuple[Tensor, Tensor]:
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"quantize_per_token: x must be [M, K] with K >= 1, got shape {tuple(x.shape)}")
     _check_bits(bits)
-    if _direct_no_grad(x):
-        return _run("quantize_per_token", x.device, x, bits)
-    return torch.ops.hdrq.quantize_per_token(x, bits)
+    return _call("quantize_per_token", x.device, (x,), x, bits)
 
 
 def _check_int6_values(q: Tensor) -> None:
@@ -553,9 +552,7 @@ def pack_int6(q: Tensor) -> Tensor:
                          f"got shape {tuple(q.shape)}")
     if q.numel() > 0 and not torch.compiler.is_compiling():
         _check_int6_values(q)
-    if _direct_no_grad(q):
-        return _run("pack_int6", q.device, q)
-    return torch.ops.hdrq.pack_int6(q)
+    return _call("pack_int6", q.device, (q,), q)
 
 
 def unpack_int6(packed: Tensor, shape: Sequence[int]) -> Tensor:
@@ -570,9 +567,7 @@ def unpack_int6(packed: Tensor, shape: Sequence[int]) -> Tensor:
     if tuple(packed.shape) != expect:
         raise ValueError(f"unpack_int6: for shape {shape} packed must have shape {expect}, "
                          f"got {tuple(packed.shape)}")
-    if _direct_no_grad(packed):
-        return _run("unpack_int6", packed.device, packed, shape)
-    return torch.ops.hdrq.unpack_int6(packed, shape)
+    return _call("unpack_int6", packed.device, (packed,), packed, shape)
 
 
 WEIGHT_BITS = (6, 8)
@@ -654,9 +649,8 @@ def int_matmul(a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, *, w_bi
     devices = {t.device for t in (a_q, a_scale, w, w_scale) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"int_matmul: all inputs must be on one device, got {sorted(map(str, devices))}")
-    if _direct_no_grad(a_q, a_scale, w, w_scale, bias):
-        return _run("int_matmul", a_q.device, a_q, a_scale, w, w_scale, w_bits, bias, out_dtype)
-    return torch.ops.hdrq.int_matmul(a_q, a_scale, w, w_scale, w_bits, bias, out_dtype)
+    return _call("int_matmul", a_q.device, (a_q, a_scale, w, w_scale, bias), a_q, a_scale, w, w_scale, w_bits,
+                 bias, out_dtype)
 
 
 # ==================================================================================================
@@ -691,6 +685,4 @@ def int_matmul_int32(a_q: Tensor, w: Tensor, *, w_bits: int) -> Tensor:
     _check_weight(w, w_bits, w.shape[0], a_q.shape[1], "int_matmul_int32")
     if a_q.device != w.device:
         raise ValueError(f"int_matmul_int32: a_q is on {a_q.device} but w is on {w.device}")
-    if _direct_no_grad(a_q, w):
-        return _run("int_matmul_int32", a_q.device, a_q, w, w_bits)
-    return torch.ops.hdrq.int_matmul_int32(a_q, w, w_bits)
+    return _call("int_matmul_int32", a_q.device, (a_q, w), a_q, w, w_bits)
