@@ -3,7 +3,8 @@
 For every kernel instantiation and architecture (sm_80, sm_90a): registers, spills, stack, shared memory
 (static from ptxas, dynamic from the kernels' own TileShape), and SASS instruction counts from cuobjdump
 (IMMA = mma.sync, IGMMA = wgmma integer tensor-core instructions, LDSM = ldmatrix, LDGSTS = cp.async,
-UTMALDG = TMA tensor loads, UBLKCP = bulk copies, LDL/STL = local memory, which must be zero). Also the compile time of each file. Needs nvcc and cuobjdump, no GPU.
+UTMALDG = TMA tensor loads, UBLKCP = bulk copies, LDL/STL = local memory, which must be zero). Kernels that
+reallocate registers between warpgroups (setmaxnreg) get a note with the per-warpgroup limits from the SASS. Also the compile time of each file. Needs nvcc and cuobjdump, no GPU.
 
     python bench/gemm_resources.py            # writes bench/gemm_resources.md
 """
@@ -21,6 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = [("sm_80", "-gencode=arch=compute_80,code=sm_80"), ("sm_90a", "-gencode=arch=compute_90a,code=sm_90a")]
+WGMMA_NAMES = ["cooperative", "ping-pong"]  # csrc/gemm.h WgmmaConfig
 SASS_OPS = ["IMMA", "IGMMA", "LDSM", "LDGSTS", "UTMALDG", "UBLKCP", "LDL", "STL"]
 
 DRIVER = r"""
@@ -33,10 +35,11 @@ int main() {
       hdrq::TileShape s = hdrq::mma_tile_shape(c, bits);
       std::printf("mma %d %d %d %d %d %d %d\n", c, bits, s.bm, s.bn, s.bk, s.threads, s.smem_bytes);
     }
-  for (int bits : {8, 6}) {
-    hdrq::TileShape s = hdrq::wgmma_tile_shape(bits);
-    std::printf("wgmma 0 %d %d %d %d %d %d\n", bits, s.bm, s.bn, s.bk, s.threads, s.smem_bytes);
-  }
+  for (int bits : {8, 6})
+    for (int c = 0; c < hdrq::kWgmmaNumConfigs; ++c) {
+      hdrq::TileShape s = hdrq::wgmma_tile_shape(c, bits);
+      std::printf("wgmma %d %d %d %d %d %d %d\n", c, bits, s.bm, s.bn, s.bk, s.threads, s.smem_bytes);
+    }
   return 0;
 }
 """
@@ -79,9 +82,9 @@ def kernel_label(mangled: str, names: dict) -> str:
     if m:
         bits, *rest = (int(x) for x in m.groups())
         return f"mma {names.get(tuple(rest), rest)} w{bits}"
-    m = re.search(r"gemm_wgmma_kernelILi(\d+)E", mangled)
+    m = re.search(r"gemm_wgmma_kernelILi(\d+)ELi(\d+)E", mangled)
     if m:
-        return f"wgmma 128x128 w{m.group(1)}"
+        return f"wgmma 128x128 {WGMMA_NAMES[int(m.group(2))]} w{m.group(1)}"
     return mangled
 
 
@@ -119,6 +122,7 @@ def main():
                     current = None
             sass = sh([find_cuobjdump(), "-sass", obj])
             counts = collections.defaultdict(collections.Counter)
+            maxreg = collections.defaultdict(dict)
             func, arch = None, None
             for line in sass.splitlines():
                 m = re.search(r"arch = (sm_\w+)", line)
@@ -129,6 +133,9 @@ def main():
                     func = m.group(1)
                     continue
                 if func:
+                    m = re.search(r"USETMAXREG\.(TRY_ALLOC|DEALLOC)\S*\s+(?:U?P\w+,\s*)?(0x[0-9a-f]+)", line)
+                    if m:
+                        maxreg[(func, arch)][m.group(1)] = int(m.group(2), 16)
                     m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
                     if m:
                         op = m.group(1)
@@ -139,7 +146,9 @@ def main():
                 if "regs" not in d:
                     continue
                 c = counts.get((fn, a), collections.Counter())
-                rows.append((cu, kernel_label(fn, names), a, d["regs"], d.get("spill_st", 0) + d.get("spill_ld", 0),
+                mr = maxreg.get((fn, a), {})
+                split = f"{mr['TRY_ALLOC']} / {mr['DEALLOC']}" if len(mr) == 2 else ""
+                rows.append((cu, kernel_label(fn, names), a, d["regs"], split, d.get("spill_st", 0) + d.get("spill_ld", 0),
                              d.get("stack", 0), d["smem"], *(c[o] for o in SASS_OPS)))
         # dynamic shared memory from the kernels' own TileShape, through a host-only driver
         drv = os.path.join(tmp, "drv.cpp")
@@ -158,8 +167,9 @@ def main():
            "Registers, spills and stack from `ptxas -v`; static shared memory from ptxas, dynamic from each "
            "configuration's TileShape; SASS instruction counts from `cuobjdump -sass` (static counts in the binary; "
            "LDL/STL = local memory, must be 0).", "",
-           "| file | kernel | arch | regs | spill bytes | stack | static smem | " + " | ".join(SASS_OPS) + " |",
-           "|" + "---|" * (7 + len(SASS_OPS))]
+           "| file | kernel | arch | regs | setmaxnreg consumers / producer | spill bytes | stack | static smem | "
+           + " | ".join(SASS_OPS) + " |",
+           "|" + "---|" * (8 + len(SASS_OPS))]
     for r in rows:
         out.append("| " + " | ".join(str(v) for v in r) + " |")
     out += ["", "Tile configurations (`csrc/gemm_mma.cu`, `csrc/gemm_wgmma.cu`):", "",
@@ -167,7 +177,7 @@ def main():
     cfg_names = ["Decode16", "Decode32", "Decode64", "Tile64", "Tile128", "Decode16K256", "Decode16Deep",
                  "Decode32N128", "Decode64N128"]
     for (kind, c, bits), (bm, bn, bk, threads, smem) in sorted(shapes.items()):
-        name = (cfg_names[c] if c < len(cfg_names) else c) if kind == "mma" else "persistent, 4 stages"
+        name = (cfg_names[c] if c < len(cfg_names) else c) if kind == "mma" else f"persistent, {WGMMA_NAMES[c]}"
         out.append(f"| {kind} | {name} | {bits} | {bm} | {bn} | {bk} | {threads} | {smem} |")
     out += ["", "Compile time on this machine (`nvcc -O3`, sm_80 + sm_90a, one file at a time): " +
             ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items()) + f" ({os.cpu_count()} CPU cores).", ""]

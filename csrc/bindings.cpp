@@ -8,7 +8,8 @@
 //       out = epilogue(a_q @ w^T) written into `out` (bf16 / fp16 / fp32, or int32: the accumulator).
 //       Launches on the current stream; no host sync; allocates nothing (the caller owns `out` and the
 //       split-K workspace `counters` (zero on entry, left zero) and `partials`).
-//       path 0: the mma.sync kernels (config = MmaConfig, gemm.h); path 1: the Hopper wgmma kernel.
+//       path 0: the mma.sync kernels (config = MmaConfig, gemm.h); path 1: the Hopper wgmma kernel (config =
+//       WgmmaConfig: 0 cooperative, 1 ping-pong).
 //   hdrq_C::gemm_info(path, config, w_bits) -> int[]  [bm, bn, bk, threads, smem_bytes, split-K counters]
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -29,7 +30,7 @@ enum GemmPath : int64_t { kPathMma = 0, kPathWgmma = 1 };
 
 hdrq::TileShape tile_shape(int64_t path, int64_t config, int64_t w_bits) {
   TORCH_CHECK(path == kPathMma || path == kPathWgmma, "hdrq_C: unknown GEMM path ", path);
-  if (path == kPathWgmma) return hdrq::wgmma_tile_shape(static_cast<int>(w_bits));
+  if (path == kPathWgmma) return hdrq::wgmma_tile_shape(static_cast<int>(config), static_cast<int>(w_bits));
   return hdrq::mma_tile_shape(static_cast<int>(config), static_cast<int>(w_bits));
 }
 
@@ -142,7 +143,7 @@ void int_gemm(const at::Tensor& out, const at::Tensor& a_q, const at::Tensor& a_
   if (path == kPathWgmma)
     TORCH_CHECK(hdrq::wgmma_supports(args), "hdrq_C::int_gemm: the wgmma path needs N % 16 == 0, K % 32 == 0, ",
                 "16-byte aligned A rows and splits == 1, got N=", n, ", K=", k, ", lda=", args.lda, ", splits=", splits);
-  const cudaError_t err = path == kPathWgmma ? hdrq::launch_gemm_wgmma(args, stream)
+  const cudaError_t err = path == kPathWgmma ? hdrq::launch_gemm_wgmma(args, static_cast<int>(config), stream)
                                              : hdrq::launch_gemm_mma(args, static_cast<int>(config), stream);
   TORCH_CHECK(err == cudaSuccess, "hdrq_C::int_gemm: launch failed (M=", m, ", N=", n, ", K=", k,
               ", w_bits=", w_bits, ", path=", path, ", config=", config, ", splits=", splits, "): ",

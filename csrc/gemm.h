@@ -73,9 +73,15 @@ cudaError_t launch_gemm_mma(const GemmArgs& args, int config, cudaStream_t strea
 
 // ---- wgmma kernel (sm_90a only; csrc/gemm_wgmma.cu) ----------------------------------------------
 // 128 x 128 tiles, persistent; needs N % 16 == 0, K % 32 == 0, A rows 16-byte aligned, splits == 1.
-TileShape wgmma_tile_shape(int w_bits);
+// Consumer schedules, by index:
+enum WgmmaConfig : int {
+  kWgmmaCooperative = 0,  // both consumer warpgroups on every tile (64 rows each); epilogue not overlapped
+  kWgmmaPingPong = 1,     // consumers on alternate tiles (128 rows each); one's epilogue under the other's MMAs
+  kWgmmaNumConfigs = 2,
+};
+TileShape wgmma_tile_shape(int config, int w_bits);
 bool wgmma_supports(const GemmArgs& args);
-cudaError_t launch_gemm_wgmma(const GemmArgs& args, cudaStream_t stream);
+cudaError_t launch_gemm_wgmma(const GemmArgs& args, int config, cudaStream_t stream);
 
 // Split-K counters the workspace must provide per concurrent stream (one per output tile).
 constexpr int64_t kSplitKCounters = 1 << 13;

@@ -1,9 +1,14 @@
 // W8A8 / W6A6 GEMM for large M on Hopper (sm_90a): warpgroup wgmma (s8 x s8 -> s32) fed by TMA, a
 // warp-specialised producer/consumer pipeline and a persistent grid. Same result as gemm_mma.cu (gemm.h).
 //
-// Block: 3 warpgroups, 384 threads, output tile 128 x 128, K step 128 (4 wgmma.m64n128k32 per stage and
-// consumer), 4 shared-memory stages, grid = min(tiles, SMs) walking tiles blockIdx.x, +gridDim.x, ...
-// (M fastest, so the CTAs of one wave share weight tiles in L2).
+// Block: 3 warpgroups, 384 threads, output tile 128 x 128, K step 128, 4 shared-memory stages, grid =
+// min(tiles, SMs) walking tiles blockIdx.x, +gridDim.x, ... (M fastest, so the CTAs of one wave share weight
+// tiles in L2). Two consumer schedules (WgmmaConfig, gemm.h):
+//  * cooperative (config 0): both consumers work on every tile, rows 0-63 and 64-127 (4 wgmma.m64n128k32 per
+//    stage each, 64 accumulator registers), and both run the epilogue while the tensor cores idle;
+//  * ping-pong (config 1): the consumers take alternate tiles, each the whole 128 x 128 (8 wgmma per stage,
+//    128 accumulator registers), and an order barrier lets one issue its mainloop while the other runs its
+//    epilogue, so the tensor cores stay busy across tile boundaries.
 //  * warpgroup 0, producer. A (activations): one TMA 2D load per stage, 128 rows x 128 bytes, 128-byte
 //    swizzle (the canonical K-major layout wgmma reads; rows past M and columns past K arrive as zeros).
 //    B (weights): the pack_weight units of one k-unit and 8 consecutive panels are contiguous in global
@@ -12,10 +17,15 @@
 //    4 bulk copies per stage, no reordering. 6-bit weights: the producer's 128 threads cp.async the packed
 //    units (3 planes) into a staging ring two stages ahead, then expand them (expand6: masks and shifts,
 //    4*w per byte) into the same 4-plane layout, fence the generic->async proxy and arrive.
-//  * warpgroups 1 and 2, consumers: rows 0-63 and 64-127 of the tile; per stage wait `full`, issue 4
-//    wgmma (A: 128B-swizzle descriptor advanced 32 bytes per k32; B: no-swizzle descriptor LBO 128,
-//    SBO 256), keep one wgmma group in flight and release the previous stage (`empty`). Epilogue from
-//    registers (6-bit: acc >> 2), overlapping the producer's loads of the next tile.
+//  * warpgroups 1 and 2, consumers: per stage wait `full`, issue the wgmma (A: 128B-swizzle descriptor
+//    advanced 32 bytes per k32; B: no-swizzle descriptor LBO 128, SBO 256), keep one wgmma group in flight
+//    and release the previous stage (`empty`). Epilogue from registers (6-bit: acc >> 2), overlapping the
+//    producer's loads of the next tile.
+//    Ping-pong ordering: consumer c may start the mainloop of its tile only after the other consumer has
+//    issued the whole mainloop of the previous tile (order_bar[c], one phase per tile). Besides keeping the
+//    two mainloops from interleaving, this bounds how far a consumer runs ahead of the producer: every
+//    `full` phase it waits for is at most one phase ahead of the barrier's current one, which the parity
+//    wait needs (tests/test_wgmma_emulated.py checks the protocol by simulation).
 // Requirements (checked by the host; other shapes use gemm_mma.cu): N % 16 == 0, K % 32 == 0, A rows
 // 16-byte aligned (TMA), so every B unit is whole and no edge path is needed.
 #include <cstdint>
@@ -42,6 +52,15 @@ constexpr int kSlots = kLookahead + 1;
 constexpr int kStagingBytes = kBKU * kPanels * 3 * layout::kPlaneBytes;  // 12 KB of packed 6-bit units
 constexpr int kItems = kBKU * kPanels * 8;  // 16-byte quads per plane per stage (6-bit)
 static_assert(kItems % 128 == 0, "every producer thread expands the same number of quads");
+
+// setmaxnreg split of the ping-pong schedule: 128 * producer + 256 * consumer <= 384 * 168 (the launch's
+// registers per thread under __launch_bounds__(384, 1)). The 6-bit producer expands weights: more registers.
+template <int BITS>
+constexpr int kProducerRegs = BITS == 8 ? 40 : 72;
+template <int BITS>
+constexpr int kConsumerRegs = BITS == 8 ? 232 : 216;
+static_assert(128 * kProducerRegs<8> + 256 * kConsumerRegs<8> <= 384 * 168, "register split (8-bit)");
+static_assert(128 * kProducerRegs<6> + 256 * kConsumerRegs<6> <= 384 * 168, "register split (6-bit)");
 
 constexpr int smem_bytes(int bits) {
   return 1024 /* alignment slack: 128B-swizzled TMA tiles need 1024-byte aligned stages */ +
@@ -125,6 +144,17 @@ __device__ __forceinline__ void fence_operands(int32_t (&d)[64]) {
   for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
+// Register reallocation between warpgroups (sm_90a): the producer gives registers back, the consumers
+// take them (the ping-pong consumers hold 128 accumulators each). Every warp of a warpgroup executes it.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
 __device__ __forceinline__ void wgmma_s8_m64n128k32(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   asm volatile(
       "{\n"
@@ -164,12 +194,14 @@ __device__ inline TileIndex step_of(int f, int kt_total, int m_tiles) {
 namespace {
 using namespace wgmma_detail;
 
-template <int BITS>
+template <int BITS, int CONFIG>
 __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tmap_a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[kStages];   // producer -> consumers: stage loaded
   __shared__ __align__(8) uint64_t empty_bar[kStages];  // consumers -> producer: stage read
+  __shared__ __align__(8) uint64_t order_bar[2];        // ping-pong: the other consumer issued its mainloop
+  constexpr bool kPingPong = CONFIG == kWgmmaPingPong;
 
   // 1024-byte alignment of the *shared-window* address (what TMA swizzling and the descriptors see).
   uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
@@ -193,14 +225,17 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full_bar[s], BITS == 8 ? 1 : 128);
-      mbar_init(&empty_bar[s], 8);  // lane 0 of each consumer warp
+      mbar_init(&empty_bar[s], kPingPong ? 4 : 8);  // lane 0 of each warp of the consumer(s) reading it
     }
+    mbar_init(&order_bar[0], 4);
+    mbar_init(&order_bar[1], 4);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
   if (wg == 0) {
     // ================================ producer ================================
+    if constexpr (kPingPong) setmaxnreg_dec<kProducerRegs<BITS>>();
     if (BITS == 8) {
       if (tid != 0) return;
       for (int f = 0; f < steps; ++f) {
@@ -284,41 +319,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
   }
 
   // ================================ consumers ================================
-  const int c = wg - 1;                // rows 64c .. 64c+63 of the tile
-  const int w = (tid % 128) / 32;      // warp within the warpgroup: rows 16w .. 16w+15
+  const int c = wg - 1;                // cooperative: rows 64c .. 64c+63 of each tile; ping-pong: tiles c, c+2, ...
+  const int w = (tid % 128) / 32;      // warp within the warpgroup: rows 16w .. 16w+15 of a 64-row half
   const int g = lane >> 2, t = lane & 3;
   const int out_bytes = (p.out_kind == kOutBF16 || p.out_kind == kOutFP16) ? 2 : 4;
   const bool pair_ok = (p.ldo % 2) == 0 && reinterpret_cast<uintptr_t>(p.out) % (2 * out_bytes) == 0;
-  int32_t acc[64];
-  int f = 0;
-  for (int i = 0; i < my_tiles; ++i) {
-    const TileIndex ti = step_of(f, kt_total, m_tiles);
-#pragma unroll
-    for (int r = 0; r < 64; ++r) acc[r] = 0;
-    int prev = -1;
-    for (int kt = 0; kt < kt_total; ++kt, ++f) {
-      const int s = f % kStages;
-      mbar_wait(&full_bar[s], (f / kStages) & 1);
-      fence_operands(acc);
-      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-      for (int ku = 0; ku < kBKU; ++ku) {
-        const uint64_t da = smem_desc(sA + s * kAStageBytes + c * 64 * kBK + ku * 32, 16, 1024, 1);
-        const uint64_t db = smem_desc(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes,
-                                      layout::kPlaneBytes, 2 * layout::kPlaneBytes, 0);
-        wgmma_s8_m64n128k32(acc, da, db);
-      }
-      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // the previous stage's group is done
-      fence_operands(acc);
-      if (prev >= 0 && lane == 0) mbar_arrive(&empty_bar[prev]);
-      prev = s;
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    fence_operands(acc);
-    if (lane == 0) mbar_arrive(&empty_bar[prev]);
-
-    // accumulator j*4 + r: row 16w + g + 8*(r >> 1), column 8j + 2t + (r & 1) of this warpgroup's 64 x 128
+  // accumulator j*4 + r of a 64 x 128 half: row 16w + g + 8*(r >> 1), column 8j + 2t + (r & 1)
+  auto epilogue = [&](const int32_t (&acc)[64], int row0, int n0) {
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
@@ -328,8 +335,83 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
           v0 >>= 2;
           v1 >>= 2;
         }
-        store_pair(p, ti.m0 + 64 * c + 16 * w + g + 8 * hr, ti.n0 + 8 * j + 2 * t, v0, v1, pair_ok);
+        store_pair(p, row0 + 16 * w + g + 8 * hr, n0 + 8 * j + 2 * t, v0, v1, pair_ok);
       }
+  };
+  auto a_desc = [&](int s, int half, int ku) {
+    return smem_desc(sA + s * kAStageBytes + half * 64 * kBK + ku * 32, 16, 1024, 1);
+  };
+  auto b_desc = [&](int s, int ku) {
+    return smem_desc(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes, layout::kPlaneBytes,
+                     2 * layout::kPlaneBytes, 0);
+  };
+
+  if constexpr (!kPingPong) {
+    int32_t acc[64];
+    int f = 0;
+    for (int i = 0; i < my_tiles; ++i) {
+      const TileIndex ti = step_of(f, kt_total, m_tiles);
+#pragma unroll
+      for (int r = 0; r < 64; ++r) acc[r] = 0;
+      int prev = -1;
+      for (int kt = 0; kt < kt_total; ++kt, ++f) {
+        const int s = f % kStages;
+        mbar_wait(&full_bar[s], (f / kStages) & 1);
+        fence_operands(acc);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int ku = 0; ku < kBKU; ++ku) wgmma_s8_m64n128k32(acc, a_desc(s, c, ku), b_desc(s, ku));
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // the previous stage's group is done
+        fence_operands(acc);
+        if (prev >= 0 && lane == 0) mbar_arrive(&empty_bar[prev]);
+        prev = s;
+      }
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      fence_operands(acc);
+      if (lane == 0) mbar_arrive(&empty_bar[prev]);
+      epilogue(acc, ti.m0 + 64 * c, ti.n0);
+    }
+  } else {
+    setmaxnreg_inc<kConsumerRegs<BITS>>();
+    int32_t acc0[64], acc1[64];  // rows 0-63 and 64-127 of the tile
+    for (int i = c, mine = 0; i < my_tiles; i += 2, ++mine) {
+      int f = i * kt_total;
+      const TileIndex ti = step_of(f, kt_total, m_tiles);
+#pragma unroll
+      for (int r = 0; r < 64; ++r) acc0[r] = acc1[r] = 0;
+      // order_bar[c] completes once per mainloop of the other consumer: consumer 1's tile number `mine` needs
+      // completion `mine` (consumer 0's tile 2*mine), consumer 0's needs completion mine - 1 (tile 2*mine - 1).
+      if (i > 0) mbar_wait(&order_bar[c], (c == 1 ? mine : mine - 1) & 1);
+      int prev = -1;
+      for (int kt = 0; kt < kt_total; ++kt, ++f) {
+        const int s = f % kStages;
+        mbar_wait(&full_bar[s], (f / kStages) & 1);
+        fence_operands(acc0);
+        fence_operands(acc1);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int ku = 0; ku < kBKU; ++ku) {
+          const uint64_t db = b_desc(s, ku);
+          wgmma_s8_m64n128k32(acc0, a_desc(s, 0, ku), db);
+          wgmma_s8_m64n128k32(acc1, a_desc(s, 1, ku), db);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+        fence_operands(acc0);
+        fence_operands(acc1);
+        if (prev >= 0 && lane == 0) mbar_arrive(&empty_bar[prev]);
+        prev = s;
+      }
+      // The whole mainloop is issued: the other consumer may start issuing its tile's.
+      if (lane == 0) mbar_arrive(&order_bar[c ^ 1]);
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      fence_operands(acc0);
+      fence_operands(acc1);
+      if (lane == 0) mbar_arrive(&empty_bar[prev]);
+      epilogue(acc0, ti.m0, ti.n0);
+      epilogue(acc1, ti.m0 + 64, ti.n0);
+    }
   }
 #else
   // Built without sm_90a features (the sm_80 pass, or a plain sm_90 target): never run silently empty.
@@ -352,7 +434,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-template <int BITS>
+template <int BITS, int CONFIG>
 cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   auto encode = encode_fn();
   if (encode == nullptr) return cudaErrorNotSupported;
@@ -370,7 +452,7 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  auto kernel = gemm_wgmma_kernel<BITS>;
+  auto kernel = gemm_wgmma_kernel<BITS, CONFIG>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(BITS));
   if (err != cudaSuccess) return err;
   const int tiles = ceil_div(args.m, kBM) * ceil_div(args.n, kBN);
@@ -380,8 +462,8 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
 
 }  // namespace
 
-TileShape wgmma_tile_shape(int w_bits) {
-  if (w_bits != 6 && w_bits != 8) return TileShape{0, 0, 0, 0, 0};
+TileShape wgmma_tile_shape(int config, int w_bits) {
+  if ((w_bits != 6 && w_bits != 8) || config < 0 || config >= kWgmmaNumConfigs) return TileShape{0, 0, 0, 0, 0};
   return TileShape{kBM, kBN, kBK, kThreads, smem_bytes(w_bits)};
 }
 
@@ -390,8 +472,8 @@ bool wgmma_supports(const GemmArgs& a) {
          a.lda % 16 == 0 && reinterpret_cast<uintptr_t>(a.a) % 16 == 0 && a.splits == 1;
 }
 
-cudaError_t launch_gemm_wgmma(const GemmArgs& args, cudaStream_t stream) {
-  if (!wgmma_supports(args)) return cudaErrorInvalidValue;
+cudaError_t launch_gemm_wgmma(const GemmArgs& args, int config, cudaStream_t stream) {
+  if (!wgmma_supports(args) || config < 0 || config >= kWgmmaNumConfigs) return cudaErrorInvalidValue;
   // The sm_80 build of this kernel is empty: refuse anything but compute capability 9.0.
   int device = 0, major = 0, minor = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -399,7 +481,9 @@ cudaError_t launch_gemm_wgmma(const GemmArgs& args, cudaStream_t stream) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
   if (major != 9 || minor != 0) return cudaErrorNotSupported;
-  return args.w_bits == 8 ? launch<8>(args, stream) : launch<6>(args, stream);
+  if (config == kWgmmaPingPong)
+    return args.w_bits == 8 ? launch<8, kWgmmaPingPong>(args, stream) : launch<6, kWgmmaPingPong>(args, stream);
+  return args.w_bits == 8 ? launch<8, kWgmmaCooperative>(args, stream) : launch<6, kWgmmaCooperative>(args, stream);
 }
 
 }  // namespace hdrq

@@ -11,13 +11,17 @@ Kernel paths (``csrc/gemm_mma.cu``):
 * ``decode``: M <= 64 (one M tile of 16, 32 or 64 rows), a weight stream with split-K;
 * ``mma``: any M, 64x128 or 128x128 tiles of ``mma.sync`` (sm_80 and up);
 * ``wgmma``: Hopper (sm_90a) large M, ``csrc/gemm_wgmma.cu``: TMA + warpgroup ``wgmma``, 128x128 tiles,
-  persistent; needs N % 16 == 0, K % 32 == 0 and 16-byte aligned A rows (else ``mma`` runs).
+  persistent, both consumer warpgroups on every tile (cooperative); needs N % 16 == 0, K % 32 == 0 and
+  16-byte aligned A rows (else ``mma`` runs);
+* ``wgmma_pp``: the same kernel with the ping-pong consumer schedule (alternate tiles per consumer, one's
+  epilogue under the other's mainloop).
 
-The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma``, read on every call
-so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in one place).
+The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma`` | ``wgmma_pp``, read
+on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
+one place).
 A forced path that cannot take the inputs raises ``hdrq.ops.Unsupported`` (the reference runs, with a
 warning), never a wrong answer. Before ``auto`` first sends a call to ``wgmma`` on a device, it checks that
-kernel once against the ``mma`` kernel on a small problem with ragged tiles (one host sync, outside any
+kernel (the schedule it would use) once against the ``mma`` kernel on a small problem with ragged tiles (one host sync, outside any
 CUDA-graph capture) and keeps it off that device, with a warning, if they disagree. :data:`PATH_CALLS` counts the launches per path (tests check that a forced
 path really ran).
 """
@@ -35,8 +39,9 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library: registers the hdrq_C ops)
 from . import ops
 
-PATHS = ("auto", "decode", "mma", "wgmma")
-_CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1}  # decode and mma: the mma.sync kernel, different tiles
+PATHS = ("auto", "decode", "mma", "wgmma", "wgmma_pp")
+_CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1, "wgmma_pp": 1}  # decode and mma: the mma.sync kernel
+WGMMA_PATHS = {"wgmma": 0, "wgmma_pp": 1}  # path -> csrc/gemm.h WgmmaConfig (consumer schedule)
 # Config indices of hdrq_C path 0 (csrc/gemm.h, MmaConfig)
 _TILE64, _TILE128 = 3, 4
 # Decode configurations (csrc/gemm.h, MmaConfig): name -> (index, largest M it takes). Several per M
@@ -66,6 +71,10 @@ class GemmDispatch:
     """Hopper: M >= this may take the wgmma path under ``auto`` (env ``HDRQ_WGMMA_MIN_M``; 0 turns it off).
     256: measured on an H100 (bench/RESULTS.md, 2026-11-26), W8A8 wgmma beats mma from M = 256 (84 vs 108 us on
     4096x14336) to M = 8192 (1287 vs 2452 us); M in (64, 256) was not measured."""
+    wgmma_path: str = "wgmma"
+    """Which wgmma schedule ``auto`` uses: ``"wgmma"`` (cooperative, measured above) or ``"wgmma_pp"``
+    (ping-pong, written 2026-11-27 without a GPU: correct on the CPU emulation and the barrier-protocol
+    simulation, not yet timed; bench/tune_gemm.py --wgmma times both and bench_gemm shows both as forced rows)."""
     wgmma_bits: tuple = (8,)
     """Weight widths that take wgmma under ``auto``: 6-bit wgmma (in-kernel expansion) measured no faster than
     mma (458 vs 462 us at M = 2048, 1913 vs 1829 us at M = 8192 on 4096x14336), so 6-bit stays on mma."""
@@ -93,7 +102,7 @@ DISPATCH = GemmDispatch()
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    path: str      # "decode" | "mma" | "wgmma"
+    path: str      # "decode" | "mma" | "wgmma" | "wgmma_pp"
     config: int    # hdrq_C config index of that path
     splits: int
     bm: int
@@ -161,16 +170,18 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
         if m <= d.decode_max_m:
             path = "decode"
         elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m and w_bits in d.wgmma_bits
-              and _cdiv(m, 128) * _cdiv(n, 128) >= d.wgmma_min_waves * sms and _wgmma_verified(device)):
-            path = "wgmma"
+              and _cdiv(m, 128) * _cdiv(n, 128) >= d.wgmma_min_waves * sms
+              and _wgmma_verified(device, d.wgmma_path)):
+            path = d.wgmma_path
         else:
             path = "mma"
-    if path == "wgmma":
+    if path in WGMMA_PATHS:
         if not wgmma_ok:
             raise ops.Unsupported(f"the wgmma path needs an sm_90 GPU, N % 16 == 0, K % 32 == 0 and 16-byte aligned "
                                   f"A rows; got compute capability {cc // 10}.{cc % 10}, N={n}, K={k}")
-        bm, bn, bk = tile_info(1, 0, w_bits)[:3]
-        return Plan("wgmma", 0, 1, bm, bn, bk)
+        config = WGMMA_PATHS[path]
+        bm, bn, bk = tile_info(1, config, w_bits)[:3]
+        return Plan(path, config, 1, bm, bn, bk)
     if path == "decode":
         _, name, blocks_per_sm = next((b for b in d.decode_configs if m <= b[0]), d.decode_configs[-1])
         config = DECODE_CONFIGS[name][0]
@@ -197,15 +208,15 @@ def plan_for_config(m: int, n: int, k: int, w_bits: int, config: str, splits: in
 
 # ---------------------------------------------------------------------------------------- wgmma check
 
-_WGMMA_VERIFIED: dict[int, bool] = {}
+_WGMMA_VERIFIED: dict[tuple[int, str], bool] = {}  # (device index, wgmma path) -> passed the check
 
 
 _CHECK_SHAPES = ((200, 272, 544), (2048, 2048, 512))  # ragged last tiles; more tiles than SMs (persistence)
 
 
-def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1]) -> Optional[str]:
-    """None if the wgmma kernel reproduces the mma kernel's int32 accumulator exactly on ``shapes`` for
-    both weight widths, else what went wrong. Syncs the host."""
+def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1], path: str = "wgmma") -> Optional[str]:
+    """None if the wgmma kernel (schedule ``path``) reproduces the mma kernel's int32 accumulator exactly on
+    ``shapes`` for both weight widths, else what went wrong. Syncs the host."""
     gen = torch.Generator(device=device).manual_seed(1234)
     for m, n, k in shapes:
         for bits in (8, 6):
@@ -217,47 +228,51 @@ def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1]) -> Optional[
             got = torch.empty((m, n), dtype=torch.int32, device=device)
             want = torch.empty_like(got)
             try:
-                int_gemm_out(got, a, ones[:1], w, ones, None, bits, path="wgmma")
+                int_gemm_out(got, a, ones[:1], w, ones, None, bits, path=path)
                 int_gemm_out(want, a, ones[:1], w, ones, None, bits, path="mma")
                 same = torch.equal(got, want)
             except Exception as e:  # a launch failure is reported, not raised: mma still works
                 return f"{type(e).__name__}: {e}"
             if not same:
                 bad = (got != want).sum().item()
-                return f"{bad} of {m * n} accumulators differ from mma.sync at (M, N, K) = ({m}, {n}, {k}), {bits}-bit"
+                return (f"{path}: {bad} of {m * n} accumulators differ from mma.sync at (M, N, K) = ({m}, {n}, {k}), "
+                        f"{bits}-bit")
     return None
 
 
-def _wgmma_verified(device: torch.device) -> bool:
-    """Whether the wgmma kernel agrees with the mma kernel on this device (checked once, exactly, on a
-    problem with a partial last tile in M, N and K, for both weight widths). Inside a CUDA-graph capture an
-    unchecked device counts as not verified (the check needs a host sync), so the capture uses mma."""
+def _wgmma_verified(device: torch.device, path: str = "wgmma") -> bool:
+    """Whether the wgmma kernel with schedule ``path`` agrees with the mma kernel on this device (checked
+    once, exactly, on a problem with a partial last tile in M, N and K, for both weight widths). Inside a
+    CUDA-graph capture an unchecked device counts as not verified (the check needs a host sync), so the
+    capture uses mma."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _WGMMA_VERIFIED:
-        return _WGMMA_VERIFIED[index]
+    if (index, path) in _WGMMA_VERIFIED:
+        return _WGMMA_VERIFIED[index, path]
     if torch.cuda.is_current_stream_capturing():
         return False
-    why = _wgmma_mismatch(torch.device("cuda", index))
+    why = _wgmma_mismatch(torch.device("cuda", index), path=path)
     if why is not None:
-        warnings.warn(f"hdrq: the wgmma GEMM failed its first-use check on cuda:{index} ({why}); using the "
-                      f"mma.sync kernels there", RuntimeWarning)
-    _WGMMA_VERIFIED[index] = why is None
+        warnings.warn(f"hdrq: the wgmma GEMM ({path}) failed its first-use check on cuda:{index} ({why}); using "
+                      f"the mma.sync kernels there", RuntimeWarning)
+    _WGMMA_VERIFIED[index, path] = why is None
     return why is None
 
 
-def wgmma_canary(timeout: float = 180.0) -> tuple[bool, str]:
-    """Run the wgmma kernel against the mma kernel in a *separate process* (so a kernel that faults or hangs
-    cannot take the caller's CUDA context down): (passed, its output). For tests and benchmarks, which run
-    this before they launch the wgmma kernel in-process."""
+def wgmma_canary(path: str = "wgmma", timeout: float = 180.0) -> tuple[bool, str]:
+    """Run the wgmma kernel (schedule ``path``) against the mma kernel in a *separate process* (so a kernel
+    that faults or hangs cannot take the caller's CUDA context down): (passed, its output). For tests and
+    benchmarks, which run this before they launch the wgmma kernel in-process."""
+    if path not in WGMMA_PATHS:
+        raise ValueError(f"wgmma_canary: path must be one of {tuple(WGMMA_PATHS)}, got {path!r}")
     import subprocess
     import sys
 
     code = ("import sys, torch, hdrq._cuda as c\n"
             "cc = torch.cuda.get_device_capability()\n"
             "if cc != (9, 0): print(f'not an sm_90 GPU: {cc}'); sys.exit(3)\n"
-            "why = c._wgmma_mismatch(torch.device('cuda', 0), c._CHECK_SHAPES)\n"
+            f"why = c._wgmma_mismatch(torch.device('cuda', 0), c._CHECK_SHAPES, {path!r})\n"
             "torch.cuda.synchronize()\n"
-            "print(why or 'wgmma == mma on every check shape'); sys.exit(0 if why is None else 1)\n")
+            f"print(why or '{path} == mma on every check shape'); sys.exit(0 if why is None else 1)\n")
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

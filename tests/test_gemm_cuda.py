@@ -18,7 +18,7 @@ from hdrq import reference as ref
 
 pytestmark = pytest.mark.cuda
 
-KERNEL_PATHS = ["decode", "mma", "wgmma"]
+KERNEL_PATHS = ["decode", "mma", "wgmma", "wgmma_pp"]  # wgmma_pp: the ping-pong schedule
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +32,28 @@ def cuda_backend():
 
 @pytest.fixture(scope="module")
 def wgmma_canary(cuda_backend):
-    """The wgmma kernel checked first in a separate process (a kernel that faults or hangs must not take
-    this process's CUDA context, and so every other test, down with it). None: not an sm_90 GPU."""
+    """Each wgmma schedule checked first in a separate process (a kernel that faults or hangs must not take
+    this process's CUDA context, and so every other test, down with it): {path: (ok, log)}. None: not an
+    sm_90 GPU."""
     if torch.cuda.get_device_capability() != (9, 0):
         return None
-    ok, log = cuda_backend.wgmma_canary()
-    if not ok:
-        cuda_backend._WGMMA_VERIFIED[torch.cuda.current_device()] = False  # keep auto dispatch off it
-    return ok, log
+    results = {}
+    for path in cuda_backend.WGMMA_PATHS:
+        ok, log = results[path] = cuda_backend.wgmma_canary(path)
+        if not ok:
+            cuda_backend._WGMMA_VERIFIED[torch.cuda.current_device(), path] = False  # keep auto dispatch off it
+    return results
 
 
 @pytest.fixture
 def force_path(monkeypatch, cuda_backend, wgmma_canary):
     def force(path):
-        if path == "wgmma":
+        if path in cuda_backend.WGMMA_PATHS:
             if wgmma_canary is None:
-                pytest.skip("the wgmma path needs an sm_90 (Hopper) GPU")
-            ok, log = wgmma_canary
+                pytest.skip("the wgmma paths need an sm_90 (Hopper) GPU")
+            ok, log = wgmma_canary[path]
             if not ok:
-                pytest.fail(f"the wgmma kernel failed its out-of-process check:\n{log}")
+                pytest.fail(f"the {path} kernel failed its out-of-process check:\n{log}")
         monkeypatch.setenv("HDRQ_GEMM_PATH", path)
         return cuda_backend.PATH_CALLS[path]
     return force
@@ -58,7 +61,7 @@ def force_path(monkeypatch, cuda_backend, wgmma_canary):
 
 def takes(path, n, k):
     """Whether a forced path runs these sizes (wgmma: N % 16 == 0 and K % 32 == 0; else it falls back)."""
-    return path != "wgmma" or (n % 16 == 0 and k % 32 == 0)
+    return not path.startswith("wgmma") or (n % 16 == 0 and k % 32 == 0)
 
 
 def weights(n, k, bits, device="cuda"):
@@ -249,7 +252,7 @@ def test_concurrent_streams(cuda_backend):
         assert torch.equal(o, wnt.float())
 
 
-@pytest.mark.parametrize("m,path", [(1, "auto"), (16, "auto"), (300, "auto"), (300, "wgmma")])
+@pytest.mark.parametrize("m,path", [(1, "auto"), (16, "auto"), (300, "auto"), (300, "wgmma"), (300, "wgmma_pp")])
 def test_cuda_graph_capture(cuda_backend, force_path, m, path):
     force_path(path)
     q, w = weights(4096, 4096, 6)
@@ -314,19 +317,21 @@ def test_auto_dispatch_uses_kernels(cuda_backend, wgmma_canary, monkeypatch):
         assert cuda_backend.PATH_CALLS[path] == before + 1
 
 
-def test_auto_dispatch_to_wgmma(cuda_backend, force_path, monkeypatch):
-    """With a crossover set, auto sends large M to wgmma (after its first-use check) on Hopper only."""
-    force_path("wgmma")
+@pytest.mark.parametrize("wgmma_path", ["wgmma", "wgmma_pp"])
+def test_auto_dispatch_to_wgmma(cuda_backend, force_path, monkeypatch, wgmma_path):
+    """With a crossover set, auto sends large M to the chosen wgmma schedule (after its first-use check) on
+    Hopper only."""
+    force_path(wgmma_path)
     monkeypatch.setenv("HDRQ_GEMM_PATH", "auto")
     monkeypatch.setattr(cuda_backend, "DISPATCH", dataclasses.replace(cuda_backend.DISPATCH, wgmma_min_m=128,
-                                                                              wgmma_bits=(6, 8)))
+                                                                              wgmma_bits=(6, 8), wgmma_path=wgmma_path))
     monkeypatch.setattr(cuda_backend, "_WGMMA_VERIFIED", {})
-    before = cuda_backend.PATH_CALLS["wgmma"]
+    before = cuda_backend.PATH_CALLS[wgmma_path]
     q, w = weights(2048, 1024, 6)
     a = acts(2048, 1024)
     assert torch.equal(ops.int_matmul_int32(a, w, w_bits=6), ref.int_matmul_acc(a, q))
-    assert cuda_backend._WGMMA_VERIFIED[torch.cuda.current_device()] is True
-    assert cuda_backend.PATH_CALLS["wgmma"] >= before + 1 + 2  # the first-use check ran it too
+    assert cuda_backend._WGMMA_VERIFIED[torch.cuda.current_device(), wgmma_path] is True
+    assert cuda_backend.PATH_CALLS[wgmma_path] >= before + 1 + 2  # the first-use check ran it too
 
 
 def test_unsupported_inputs_fall_back_to_reference(cuda_backend, monkeypatch):

@@ -264,10 +264,12 @@ for m, n, k, bits in [(1, 4096, 4096, 6), (1, 14336, 4096, 8), (16, 4096, 4096, 
     p = c.plan(m, n, k, bits, dev)
     out[(m, n, k, bits)] = (p.path, p.bm, p.bn, p.splits)
 for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
-    try:
-        out[("wgmma", m, n, k)] = c.plan(m, n, k, 8, dev, "wgmma").path
-    except ops.Unsupported as e:
-        out[("wgmma", m, n, k)] = "unsupported"
+    for path in ("wgmma", "wgmma_pp"):
+        try:
+            p = c.plan(m, n, k, 8, dev, path)
+            out[(path, m, n, k)] = (p.path, p.config)
+        except ops.Unsupported as e:
+            out[(path, m, n, k)] = "unsupported"
 c._device_info = lambda index: (80, 108)
 try:
     c.plan(4096, 4096, 4096, 8, dev, "wgmma")
@@ -302,7 +304,9 @@ def test_cuda_glue_plans_on_cpu():
     assert out[(65, 4096, 4096, 8)][0] == "mma" and out[(256, 4096, 4096, 6)][0] == "mma"
     assert out[(2048, 4096, 4096, 8)] == ("mma", 128, 128, 1)       # wgmma off (HDRQ_WGMMA_MIN_M=0)
     assert out[(1, 8, 4, 6)] == ("decode", 16, 64, 1)
-    assert out[("wgmma", 2048, 4096, 4096)] == "wgmma"
-    assert out[("wgmma", 2048, 4104, 4096)] == "unsupported"       # N % 16
-    assert out[("wgmma", 2048, 4096, 4100)] == "unsupported"       # K % 32
+    assert out[("wgmma", 2048, 4096, 4096)] == ("wgmma", 0)          # WgmmaConfig: cooperative
+    assert out[("wgmma_pp", 2048, 4096, 4096)] == ("wgmma_pp", 1)    # ping-pong
+    for path in ("wgmma", "wgmma_pp"):
+        assert out[(path, 2048, 4104, 4096)] == "unsupported"       # N % 16
+        assert out[(path, 2048, 4096, 4100)] == "unsupported"       # K % 32
     assert out["a100-wgmma"] == "unsupported" and out["a100-auto"] == "mma"

@@ -20,11 +20,19 @@ def problem(m, n, k, bits, seed=0):
     return W.Problem(a.numpy(), w, m, n, k, bits), ref.int_matmul_acc(a, q).numpy()
 
 
+@pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
 @pytest.mark.parametrize("bits", [8, 6])
 @pytest.mark.parametrize("m,n,k,grid", [(200, 272, 544, 3), (1, 16, 32, 1), (130, 128, 128, 2), (64, 48, 96, 1)])
-def test_emulated_wgmma_accumulator_is_exact(bits, m, n, k, grid):
+def test_emulated_wgmma_accumulator_is_exact(schedule, bits, m, n, k, grid):
     P, expect = problem(m, n, k, bits)
-    assert np.array_equal(W.run_kernel(P, grid), expect)
+    assert np.array_equal(W.run_kernel(P, grid, schedule), expect)
+
+
+def test_schedules_parsed_from_the_kernel():
+    """Cooperative: consumer c reads half c and writes rows 64c..; ping-pong: one consumer, both halves."""
+    assert W.SCHEDULE_HALVES["cooperative"] == [("c", "64 * c")]
+    assert W.SCHEDULE_HALVES["pingpong"] == [("0", "0"), ("1", "64")]
+    assert W._halves("cooperative") == [(0, 0), (1, 64)] and W._halves("pingpong") == [(0, 0), (1, 64)]
 
 
 def test_tile_constants_parsed():
@@ -77,3 +85,49 @@ def test_tma_swizzle_round_trip():
             valid = rows < 150
             want[valid] = a[rows[valid], 128 + 32 * ku: 160 + 32 * ku]
             assert np.array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------ barrier protocol (simulated)
+
+import wgmma_protocol as WP  # noqa: E402
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("stages,kt_total,my_tiles", [(4, 5, 5), (4, 1, 6), (2, 3, 4), (4, 32, 3), (3, 2, 7)])
+def test_barrier_protocol_holds(pingpong, stages, kt_total, my_tiles):
+    """Random interleavings of producer, consumer warps, load landings and wgmma completions: every full
+    wait sees its own step's data, no stage is overwritten while read, nothing deadlocks."""
+    for seed in range(40):
+        WP.simulate(WP.Protocol(pingpong=pingpong, stages=stages), kt_total, my_tiles, seed)
+
+
+@pytest.mark.parametrize("change", [dict(order_barrier=False), dict(order_parity="wrong"), dict(warps=4, stages=1)])
+def test_barrier_simulation_catches_a_broken_protocol(change):
+    """Without the order barrier a ping-pong consumer runs ahead and its parity wait passes a phase early;
+    a wrong order parity deadlocks or does the same; one stage cannot overlap loads with reads (deadlock
+    with one group kept in flight). The simulation must report each."""
+    proto = WP.Protocol(pingpong=True, **change)
+    failures = 0
+    for seed in range(60):
+        try:
+            WP.simulate(proto, 5, 6, seed)
+        except WP.Violation:
+            failures += 1
+    assert failures > 0
+
+
+def test_kernel_uses_the_simulated_protocol():
+    """The formulas of csrc/gemm_wgmma.cu that the simulation models (a change there must be mirrored in
+    tests/wgmma_protocol.py)."""
+    src = W.SRC
+    assert "mbar_init(&empty_bar[s], kPingPong ? 4 : 8)" in src                   # readers x warps
+    assert "mbar_init(&full_bar[s], BITS == 8 ? 1 : 128)" in src
+    assert "mbar_init(&order_bar[0], 4);" in src and "mbar_init(&order_bar[1], 4);" in src
+    assert "if (i > 0) mbar_wait(&order_bar[c], (c == 1 ? mine : mine - 1) & 1);" in src
+    assert "mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);" in src
+    assert src.count("mbar_wait(&full_bar[s], (f / kStages) & 1);") == 2
+    assert src.count("wgmma.wait_group.sync.aligned 1;") == 2
+    pp = src[src.index("setmaxnreg_inc<kConsumerRegs<BITS>>();"):]
+    # ping-pong: the order arrive comes after the mainloop and before the final wait_group 0
+    assert pp.index("mbar_arrive(&order_bar[c ^ 1]);") < pp.index("wgmma.wait_group.sync.aligned 0;")
+    assert "for (int i = c, mine = 0; i < my_tiles; i += 2, ++mine)" in pp and "int f = i * kt_total;" in pp

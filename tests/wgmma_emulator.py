@@ -39,11 +39,28 @@ STAGING = BKU * PANELS * 384
 ITEMS = BKU * PANELS * 8
 
 # descriptor parameters the kernel uses (parsed, so the emulation follows the source)
-_A_DESC = re.search(r"smem_desc\(sA \+ s \* kAStageBytes \+ c \* 64 \* kBK \+ ku \* 32, (\d+), (\d+), (\d)\)", SRC)
+_A_DESC = re.search(r"smem_desc\(sA \+ s \* kAStageBytes \+ half \* 64 \* kBK \+ ku \* 32, (\d+), (\d+), (\d)\)", SRC)
 A_LBO, A_SBO, A_LAYOUT = (int(x) for x in _A_DESC.groups())
 _B_DESC = re.search(r"smem_desc\(sB \+ s \* kBStageBytes \+ ku \* kPanels \* 4 \* layout::kPlaneBytes,\s*"
-                    r"layout::kPlaneBytes, 2 \* layout::kPlaneBytes, (\d)\)", SRC)
+                    r"layout::kPlaneBytes,\s*2 \* layout::kPlaneBytes, (\d)\)", SRC)
 B_LBO, B_SBO, B_LAYOUT = 128, 256, int(_B_DESC.group(1))
+
+
+def _schedule_halves() -> dict[str, list[tuple[int, int]]]:
+    """Per consumer schedule, the kernel's (accumulator half read through a_desc, its epilogue row offset
+    in the tile) pairs, parsed from the wgmma calls and the epilogue calls of each branch."""
+    coop = SRC[SRC.index("if constexpr (!kPingPong) {"):SRC.index("setmaxnreg_inc<kConsumerRegs<BITS>>();")]
+    pp = SRC[SRC.index("setmaxnreg_inc<kConsumerRegs<BITS>>();"):SRC.index("#else")]
+    out = {}
+    for name, part in (("cooperative", coop), ("pingpong", pp)):
+        reads = dict(re.findall(r"wgmma_s8_m64n128k32\((\w+), a_desc\(s, (\w+), ku\)", part))
+        rows = dict(re.findall(r"epilogue\((\w+), ti\.m0(?: \+ ([\w *]+))?, ti\.n0\)", part))
+        assert reads and set(reads) == set(rows), (name, reads, rows)
+        out[name] = [(reads[acc], rows[acc] or "0") for acc in sorted(reads)]
+    return out
+
+
+SCHEDULE_HALVES = _schedule_halves()
 
 
 def swizzle128(offset: np.ndarray) -> np.ndarray:
@@ -142,7 +159,22 @@ def produce_b_6bit(P: Problem, n0: int, kt: int, stage: np.ndarray, staging: np.
                     stage[dst + c * 128: dst + c * 128 + 16] = regs[c].astype("<u4").view(np.uint8)
 
 
-def run_kernel(P: Problem, grid: int) -> np.ndarray:
+def _halves(schedule: str):
+    """[(consumer, half read, epilogue row offset)] of one tile under a schedule; the cooperative consumer c
+    reads half c, the ping-pong consumer of the tile both halves (the consumer does not change the data)."""
+    out = []
+    for c in range(2):
+        for half_expr, row_expr in SCHEDULE_HALVES[schedule]:
+            half = eval(half_expr, {"c": c})  # "c" or a literal
+            rows = eval(row_expr, {"c": c})
+            if schedule == "pingpong" or half == c:
+                out.append((half, rows))
+        if schedule == "pingpong":
+            break
+    return out
+
+
+def run_kernel(P: Problem, grid: int, schedule: str = "cooperative") -> np.ndarray:
     assert P.n % 16 == 0 and P.k % 32 == 0, "the wgmma path needs N % 16 == 0 and K % 32 == 0"
     m_tiles = E.cdiv(P.m, BM)
     num_tiles = m_tiles * E.cdiv(P.n, BN)
@@ -156,7 +188,7 @@ def run_kernel(P: Problem, grid: int) -> np.ndarray:
         f = 0
         for _ in range(my_tiles):
             m0, n0, _kt = step_of(f, kt_total, m_tiles, bx, grid)
-            acc = np.zeros((2, BM // 2, BN), dtype=np.int64)  # per consumer warpgroup: 64 x BN
+            acc = np.zeros((2, BM // 2, BN), dtype=np.int64)  # per 64-row half of the tile
             for kt in range(kt_total):
                 mm0, nn0, kk = step_of(f, kt_total, m_tiles, bx, grid)
                 assert (mm0, nn0, kk) == (m0, n0, kt)
@@ -165,22 +197,22 @@ def run_kernel(P: Problem, grid: int) -> np.ndarray:
                     produce_b_8bit(P, n0, kt, sB)
                 else:
                     produce_b_6bit(P, n0, kt, sB, staging)
-                for c in range(2):
+                for half, _rows in _halves(schedule):
                     for ku in range(BKU):
-                        A = read_operand(sA, c * 64 * BK + ku * 32, 64, A_LBO, A_SBO, A_LAYOUT)
+                        A = read_operand(sA, half * 64 * BK + ku * 32, 64, A_LBO, A_SBO, A_LAYOUT)
                         B = read_operand(sB, ku * PANELS * 512, BN, B_LBO, B_SBO, B_LAYOUT)
-                        acc[c] += A @ B.T
+                        acc[half] += A @ B.T
                 f += 1
-            for c in range(2):
-                # registers of thread T of warpgroup c, then the kernel's epilogue indices
-                d = acc[c][rows, cols]  # [128, 64]
+            for half, row_off in _halves(schedule):
+                # registers of thread T of the warpgroup holding this half, then the kernel's epilogue indices
+                d = acc[half][rows, cols]  # [128, 64]
                 for T in range(128):
                     w, lane = T // 32, T % 32
                     g, t = lane >> 2, lane & 3
                     for j in range(BN // 8):
                         for hr in range(2):
                             v = d[T, [4 * j + 2 * hr, 4 * j + 2 * hr + 1]]
-                            m = m0 + 64 * c + 16 * w + g + 8 * hr
+                            m = m0 + row_off + 16 * w + g + 8 * hr
                             n = n0 + 8 * j + 2 * t
                             if P.bits == 6:
                                 # columns past N hold stale shared memory (never stored); the others are 4*acc

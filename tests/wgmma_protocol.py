@@ -1,0 +1,178 @@
+"""A simulation of the synchronisation protocol of csrc/gemm_wgmma.cu: mbarrier phases, parity waits, the
+asynchronous TMA landings and wgmma groups, under random interleavings of the producer and the consumer warps.
+
+What the kernel's barriers must guarantee, and what :func:`simulate` checks on every run:
+
+* a consumer warp that passes its `full` wait for pipeline step f finds step f's data in the stage (the
+  parity wait cannot tell phase q from phase q - 2, so a consumer running too far ahead would pass early);
+* the data is still there when the warp releases the stage (no load lands while a wgmma may read it);
+* nothing deadlocks, and every step is produced and consumed once per consumer that needs it.
+
+The model follows the kernel's protocol, parameter by parameter (barrier counts, which parity each wait
+uses, when each arrive happens); it is not generated from the source, so a change to the kernel's
+barriers must be mirrored here (tests/test_wgmma_emulated.py pins the kernel's formulas to this model).
+
+mbarrier semantics (PTX ISA, "mbarrier"): a phase completes when its pending arrivals and its pending
+transaction bytes both reach zero; `try_wait.parity(P)` succeeds iff the current (incomplete) phase's parity
+differs from P, i.e. it is only meaningful for the current phase and the one before it.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+class Barrier:
+    def __init__(self, count: int):
+        self.count = count
+        self.pending = count
+        self.tx = 0
+        self.phase = 0  # completed phases
+
+    def _maybe_complete(self):
+        if self.pending == 0 and self.tx == 0:
+            self.phase += 1
+            self.pending = self.count
+
+    def arrive(self, expect_tx: int = 0):
+        assert self.pending > 0, "more arrivals than the barrier's count in one phase"
+        self.tx += expect_tx
+        self.pending -= 1
+        self._maybe_complete()
+
+    def complete_tx(self, n: int = 1):
+        self.tx -= n
+        assert self.tx >= 0
+        self._maybe_complete()
+
+    def test_parity(self, parity: int) -> bool:
+        return (self.phase & 1) != parity
+
+
+class Violation(AssertionError):
+    pass
+
+
+@dataclass
+class Protocol:
+    """The kernel's choices; the defaults are what csrc/gemm_wgmma.cu does. Tests flip them to show the
+    simulation catches a broken protocol."""
+
+    pingpong: bool
+    stages: int = 4
+    warps: int = 4                 # warps per consumer warpgroup (lane 0 of each arrives)
+    order_barrier: bool = True     # ping-pong: wait for the other consumer's mainloop before starting one
+    order_parity: str = "kernel"   # "kernel": consumer 1 waits completion `mine`, consumer 0 `mine - 1`
+    groups_in_flight: int = 1      # wgmma.wait_group N after each stage's commit
+
+
+@dataclass
+class _State:
+    proto: Protocol
+    full: list
+    empty: list
+    order: list
+    stage_data: list
+    inflight: list = field(default_factory=list)       # (stage, step) loads issued, not landed
+    issued: dict = field(default_factory=dict)         # (consumer, group) -> warps that issued it
+    consumed: dict = field(default_factory=dict)       # step -> consumers that released it
+
+
+def _producer(st: _State, steps: int):
+    S = st.proto.stages
+    for f in range(steps):
+        s = f % S
+        yield lambda s=s, f=f: st.empty[s].test_parity(((f // S) & 1) ^ 1)
+        st.full[s].arrive(expect_tx=1)   # arrive.expect_tx, then the TMA / bulk copies
+        st.inflight.append((s, f))
+
+
+def _consumer_warp(st: _State, c: int, tiles: list[int], kt_total: int):
+    """One warp of consumer warpgroup c over its tiles (local tile indices)."""
+    P = st.proto
+    S = P.stages
+    group = 0  # this consumer's wgmma groups, in issue order
+    for mine, i in enumerate(tiles):
+        if P.pingpong and P.order_barrier and i > 0:
+            if P.order_parity == "kernel":
+                parity = (mine if c == 1 else mine - 1) & 1
+            else:  # a wrong formula, for the tests
+                parity = mine & 1
+            yield lambda parity=parity: st.order[c].test_parity(parity)
+        window = []  # (stage, step, group) whose wgmma may still be reading
+        for kt in range(kt_total):
+            f = i * kt_total + kt
+            s = f % S
+            yield lambda s=s, f=f: st.full[s].test_parity((f // S) & 1)
+            if st.stage_data[s] != f:
+                raise Violation(f"consumer {c} passed the full wait of step {f} (stage {s}) but the stage holds "
+                                f"step {st.stage_data[s]}")
+            st.issued[c, group] = st.issued.get((c, group), 0) + 1
+            window.append((s, f, group))
+            group += 1
+            # wgmma.wait_group N: all but the newest N groups complete (each needs all warps to have issued it)
+            while len(window) > P.groups_in_flight:
+                s0, f0, g0 = window.pop(0)
+                yield lambda g0=g0: st.issued.get((c, g0), 0) == P.warps
+                _release(st, c, s0, f0)
+        if P.pingpong and P.order_barrier:
+            st.order[c ^ 1].arrive()
+        for s0, f0, g0 in window:  # wait_group 0
+            yield lambda g0=g0: st.issued.get((c, g0), 0) == P.warps
+            _release(st, c, s0, f0)
+
+
+def _release(st: _State, c: int, s: int, f: int):
+    if st.stage_data[s] != f:
+        raise Violation(f"consumer {c} released stage {s} of step {f}, but step {st.stage_data[s]} landed in it "
+                        f"while its wgmma could read it")
+    st.empty[s].arrive()
+    st.consumed.setdefault(f, []).append(c)
+
+
+def simulate(proto: Protocol, kt_total: int, my_tiles: int, seed: int, max_events: int = 200_000) -> None:
+    """One random interleaving of a CTA's producer and consumer warps over my_tiles tiles of kt_total steps.
+    Raises Violation on a broken guarantee or a deadlock."""
+    rng = random.Random(seed)
+    P = proto
+    readers = 1 if P.pingpong else 2  # consumers reading each stage
+    st = _State(P, [Barrier(1) for _ in range(P.stages)],
+                [Barrier(readers * P.warps) for _ in range(P.stages)],
+                [Barrier(P.warps), Barrier(P.warps)], [None] * P.stages)
+    steps = my_tiles * kt_total
+    agents = [_producer(st, steps)]
+    for c in range(2):
+        tiles = list(range(c, my_tiles, 2)) if P.pingpong else list(range(my_tiles))
+        agents += [_consumer_warp(st, c, tiles, kt_total) for _ in range(P.warps)]
+    waits = {}
+    for a in agents:  # run each to its first wait
+        try:
+            waits[a] = next(a)
+        except StopIteration:
+            pass
+    for _ in range(max_events):
+        ready = [a for a, cond in waits.items() if cond()]
+        choices = len(ready) + (1 if st.inflight else 0)
+        if choices == 0:
+            if not waits:
+                break
+            raise Violation(f"deadlock: {len(waits)} warps waiting, no load in flight")
+        pick = rng.randrange(choices)
+        if pick == len(ready):  # a load lands (loads may land out of order)
+            s, f = st.inflight.pop(rng.randrange(len(st.inflight)))
+            st.stage_data[s] = f
+            st.full[s].complete_tx()
+            continue
+        a = ready[pick]
+        try:
+            waits[a] = next(a)
+        except StopIteration:
+            del waits[a]
+    else:
+        raise Violation("did not finish")
+    want = [0] if P.pingpong else [0, 1]
+    for f in range(steps):
+        got = sorted(st.consumed.get(f, []))
+        expect = [((f // kt_total) % 2)] if P.pingpong else want
+        if got != sorted(e for e in expect for _ in range(P.warps)):
+            raise Violation(f"step {f} released by {got}, expected consumers {expect} x {P.warps} warps")
