@@ -152,10 +152,14 @@ def main():
     import hdrq._cuda as hc
 
     wgmma_note = "not an sm_90 GPU: no wgmma rows"
-    wgmma_ok = torch.cuda.get_device_capability() == (9, 0)
-    if wgmma_ok:  # out of process first: a faulting or hanging kernel must not take this run down
-        wgmma_ok, log = hc.wgmma_canary()
-        wgmma_note = "wgmma kernel check: " + log.splitlines()[-1] if log else ""
+    wgmma_ok = {}  # wgmma path -> passed its out-of-process check
+    if torch.cuda.get_device_capability() == (9, 0):
+        # out of process first: a faulting or hanging kernel must not take this run down
+        notes_ = []
+        for path in hc.WGMMA_PATHS:
+            wgmma_ok[path], log = hc.wgmma_canary(path)
+            notes_.append(log.splitlines()[-1] if log else f"{path}: no output")
+        wgmma_note = "wgmma kernel checks: " + "; ".join(notes_)
         print(wgmma_note, flush=True)
     for n, k in shapes:
         for m in ms:
@@ -173,8 +177,8 @@ def main():
                     times[name] = graph_time_us(make, copies, reps)
                     continue
                 bits = 8 if name.startswith("W8") else 6
-                for path in ("auto", "mma", "wgmma") if m > 64 else ("auto",):
-                    if path == "wgmma" and not wgmma_ok:
+                for path in ("auto", "mma", *hc.WGMMA_PATHS) if m > 64 else ("auto",):
+                    if path in hc.WGMMA_PATHS and not wgmma_ok.get(path):
                         continue
                     try:
                         label = plan_label(m, n, k, bits, path)
@@ -194,7 +198,8 @@ def main():
              f"graphs of several calls; weights rotated over copies totalling >= 150 MB for M <= 256 (HBM-bound "
              f"decode, as in a model). TOPS = 2*M*N*K/t; GB/s counts weight bytes only (bf16 2 B, fp8/int8 1 B, "
              f"int6 0.75 B per weight). 'plan' is the hdrq kernel path, output tile and K splits; rows "
-             f"'[mma]' / '[wgmma]' force that path ('auto' uses GemmDispatch). {wgmma_note}.{dispatch_note}")
+             f"'[mma]' / '[wgmma]' / '[wgmma_pp]' force that path (wgmma_pp: the ping-pong consumer schedule; "
+             f"'auto' uses GemmDispatch). {wgmma_note}.{dispatch_note}")
     write(args.out, [section("GEMM y = x W^T: hdrq W8A8 / W6A6 vs cuBLAS bf16, FP8 row-wise, int8 _int_mm",
                              ["M", "N x K", "impl", "plan", "us", "TOPS", "weight GB/s", "x bf16"], rows, notes)],
           {"copy_gbs": bw})

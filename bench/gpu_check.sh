@@ -2,8 +2,10 @@
 # The one GPU check: build hdrq (with the CUDA extension) on a GPU machine without touching its torch, run the
 # `cuda`-marked tests, the compute-sanitizer runs and the kernel benchmarks, and write logs and JSON to OUTDIR.
 #
-#   bench/gpu_check.sh OUTDIR [STAGES]      STAGES: any of build,test,sanitize,tune,bench
+#   bench/gpu_check.sh OUTDIR [STAGES]      STAGES: any of build,test,sanitize,profile,tune,bench
 #                                           (default: build,test,sanitize,bench)
+#   profile: Nsight Compute on bench/profile_gemm.py (every GEMM path once at M = 2048 and at decode sizes):
+#   OUTDIR/ncu_gemm.txt with speed of light, tensor-pipe use, memory tables, warp stall reasons.
 #   tune: bench/tune_gemm.py (decode configurations x splits; writes OUTDIR/dispatch.json, which the bench
 #   stage's bench_gemm.py then uses) and bench/tune_quant.py (autograd profile, per-token launch sweep).
 #
@@ -42,6 +44,18 @@ if has sanitize && [ -f bench/sanitize_gemm.py ]; then
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   run 120 "$SAN" --tool memcheck --error-exitcode 1 $PY bench/sanitize_gemm.py || say "MEMCHECK FAILED"
   run 120 "$SAN" --tool racecheck --error-exitcode 1 $PY bench/sanitize_gemm.py --small || say "RACECHECK FAILED"
+fi
+
+if has profile; then
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  # every gemm_ launch of the script: per call the int32 check launch, then the bf16 epilogue launch
+  say "ncu on bench/profile_gemm.py -> $OUTDIR/ncu_gemm.txt"
+  timeout 240 "$NCU" -k regex:gemm_ --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section WarpStateStats \
+    --section SchedulerStats --section Occupancy $PY bench/profile_gemm.py > "$OUTDIR/ncu_gemm.txt" 2>&1 \
+    || say "PROFILE FAILED"
+  grep -E "^  [a-z_]+gemm|Duration|Compute \(SM\) Throughput|Memory Throughput|ok$|WRONG" "$OUTDIR/ncu_gemm.txt" \
+    | head -n 80 | tee -a "$LOG"
 fi
 
 if has tune; then

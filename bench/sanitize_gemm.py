@@ -33,13 +33,17 @@ CASES = [
     ("mma", 6, 300, 260, 256, 1),
     ("wgmma", 8, 200, 272, 544, 1),  # Hopper only: ragged last tiles in M, N and K
     ("wgmma", 6, 130, 144, 288, 1),
+    ("wgmma_pp", 8, 200, 272, 544, 1),
+    ("wgmma_pp", 6, 130, 144, 288, 1),
+    ("wgmma_pp", 8, 1100, 2064, 64, 1),  # 153 tiles > SMs: CTAs with two tiles, both ping-pong consumers busy
+    ("wgmma_pp", 6, 1100, 2064, 64, 1),
     # the other decode tile configurations (hdrq._cuda.DECODE_CONFIGS), run by name
     ("Decode16K256", 8, 3, 72, 600, 2),
     ("Decode16Deep", 6, 16, 40, 1100, 1),
     ("Decode32N128", 8, 20, 150, 200, 2),
     ("Decode64N128", 6, 50, 130, 300, 1),
 ]
-SMALL = [c for c in CASES if c[2] <= 130 and c[4] <= 300]
+SMALL = [c for c in CASES if (c[2] <= 130 and c[4] <= 300) or c[4] <= 64]
 
 
 def main() -> int:
@@ -51,7 +55,7 @@ def main() -> int:
     failures = 0
     hopper = torch.cuda.get_device_capability() == (9, 0)
     for path, bits, m, n, k, splits in SMALL if args.small else CASES:
-        if path == "wgmma" and not hopper:
+        if path.startswith("wgmma") and not hopper:
             print(f"wgmma w{bits}: skipped (not an sm_90 GPU)")
             continue
         many = tuple((top, name, 64.0) for top, name, _ in hc.DISPATCH.decode_configs)

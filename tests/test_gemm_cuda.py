@@ -175,6 +175,29 @@ def test_int32_output_poisoned(cuda_backend, force_path, path):
     assert torch.equal(out, ref.int_matmul_acc(a, q))
 
 
+@pytest.mark.parametrize("path", ["wgmma", "wgmma_pp"])
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("m,n,k", [(4000, 4000, 96), (3000, 1040, 1000)])
+def test_wgmma_many_tiles_per_cta(cuda_backend, force_path, path, bits, m, n, k):
+    """More output tiles than SMs (the persistent CTAs walk 2-8 tiles each, so both ping-pong consumers and
+    their order barrier take turns), ragged last tiles: exact accumulator, and the bf16 epilogue with
+    per-token scales and bias into a poisoned output."""
+    before = force_path(path)
+    q, w = weights(n, k, bits)
+    a = acts(m, k)
+    acc = torch.full((m, n), -0x5A5A5A5B, dtype=torch.int32, device="cuda")
+    ones = torch.ones(n, device="cuda")
+    cuda_backend.int_gemm_out(acc, a, ones[:1], w, ones, None, bits, path=path)
+    assert torch.equal(acc, ref.int_matmul_acc(a, q))
+    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
+    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, path=path)
+    assert torch.equal(out, ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.float32).to(torch.bfloat16))
+    assert force_path(path) == before + 2
+
+
 DECODE_NAMES = ["Decode16", "Decode32", "Decode64", "Decode16K256", "Decode16Deep", "Decode32N128", "Decode64N128"]
 
 
