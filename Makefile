@@ -18,7 +18,7 @@ NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/de
 NVCC_FLAGS := -std=c++17 -O3 -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
 CU_SOURCES := $(wildcard csrc/*.cu)
 
-.PHONY: setup test nvcc-check demo gpu-check clean
+.PHONY: setup test nvcc-check cxx-check demo gpu-check clean
 
 setup:
 ifeq ($(CUDA_PY),)
@@ -45,7 +45,30 @@ else
 	@echo "nvcc not found: skipping the CUDA compile check"
 endif
 
-test: setup nvcc-check
+# The CUDA headers' folder: the toolkit's, else the copy triton ships.
+define CUDA_INCLUDE
+import glob, os, triton
+c = glob.glob("/usr/local/cuda*/include/cuda_runtime_api.h") + glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/include/cuda_runtime_api.h"))
+print(os.path.dirname(c[0]) if c else "")
+endef
+export CUDA_INCLUDE
+
+# Syntax-check the torch binding (csrc/bindings.cpp) against the installed torch headers, so a binding error
+# fails CI too. The CPU wheel of torch lacks one generated CUDA header; a stand-in defines what it would.
+cxx-check: setup
+ifneq ($(NVCC),)
+	@mkdir -p build/cxx-check/c10/cuda/impl
+	@test -f $$($(PY) -c "import torch.utils.cpp_extension as c; print(c.include_paths()[0])")/c10/cuda/impl/cuda_cmake_macros.h \
+	  || echo "#define C10_CUDA_BUILD_SHARED_LIBS" > build/cxx-check/c10/cuda/impl/cuda_cmake_macros.h
+	@echo "g++ -fsyntax-only csrc/bindings.cpp"
+	@g++ -std=c++17 -fsyntax-only -w -Ibuild/cxx-check \
+	  $$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))") \
+	  -I$$($(PY) -c "$$CUDA_INCLUDE") -Icsrc -DTORCH_EXTENSION_NAME=_C csrc/bindings.cpp
+else
+	@echo "nvcc not found: skipping the binding syntax check"
+endif
+
+test: setup nvcc-check cxx-check
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
 # The main job: the offline multi-target domain adaptation benchmark of merged low-bit models (hdrq demo).

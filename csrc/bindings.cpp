@@ -11,6 +11,8 @@
 //       path 0: the mma.sync kernels (config = MmaConfig, gemm.h); path 1: the Hopper wgmma kernel (config =
 //       WgmmaConfig: 0 cooperative, 1 ping-pong).
 //   hdrq_C::gemm_info(path, config, w_bits) -> int[]  [bm, bn, bk, threads, smem_bytes, split-K counters]
+//   hdrq_C::expand_w6(w8!, w6, n, k) -> ()
+//       w8 = pack_weight(q, 8) from w6 = pack_weight(q, 6) (N % 16 == 0, K % 32 == 0), on the current stream.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -20,6 +22,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "gemm.h"
@@ -151,6 +154,27 @@ void int_gemm(const at::Tensor& out, const at::Tensor& a_q, const at::Tensor& a_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void expand_w6(const at::Tensor& w8, const at::Tensor& w6, int64_t n, int64_t k) {
+  TORCH_CHECK(n > 0 && k > 0 && n < INT32_MAX && k < INT32_MAX && hdrq::expand_w6_supports(int(n), int(k)),
+              "hdrq_C::expand_w6: needs N % 16 == 0 and K % 32 == 0, got N=", n, ", K=", k);
+  const at::Device device = w6.device();
+  TORCH_CHECK(w6.is_cuda(), "hdrq_C::expand_w6: w6 must be a CUDA tensor, got ", w6.device());
+  check_cuda(w8, "w8", device);
+  for (auto [t, name, bytes] : {std::tuple{&w6, "w6", n * (3 * k / 4)}, {&w8, "w8", n * k}})
+    TORCH_CHECK(t->is_contiguous() && t->element_size() == 1 && t->numel() >= bytes &&
+                    reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "hdrq_C::expand_w6: ", name, " must be a contiguous, 16-byte aligned byte tensor of at least ", bytes,
+                " bytes, got ", t->scalar_type(), " of shape ", t->sizes());
+  TORCH_CHECK(w6.numel() == n * (3 * k / 4), "hdrq_C::expand_w6: w6 holds ", w6.numel(), " bytes, pack_weight(q, 6) of ",
+              n, " x ", k, " has ", n * (3 * k / 4));
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaError_t err = hdrq::launch_expand_w6(static_cast<const uint8_t*>(w6.data_ptr()),
+                                                 static_cast<uint8_t*>(w8.data_ptr()), int(n), int(k),
+                                                 c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "hdrq_C::expand_w6: launch failed: ", cudaGetErrorString(err));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hdrq_C, m) {
@@ -158,9 +182,13 @@ TORCH_LIBRARY(hdrq_C, m) {
       "int_gemm(Tensor(a!) out, Tensor a_q, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, "
       "Tensor(b!) counters, Tensor(c!) partials, int w_bits, int path, int config, int splits) -> ()");
   m.def("gemm_info(int path, int config, int w_bits) -> int[]", &gemm_info);
+  m.def("expand_w6(Tensor(a!) w8, Tensor w6, int n, int k) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(hdrq_C, CUDA, m) { m.impl("int_gemm", &int_gemm); }
+TORCH_LIBRARY_IMPL(hdrq_C, CUDA, m) {
+  m.impl("int_gemm", &int_gemm);
+  m.impl("expand_w6", &expand_w6);
+}
 
 // `import hdrq._C` loads this library, which runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) { (void)module; }

@@ -83,6 +83,11 @@ TileShape wgmma_tile_shape(int config, int w_bits);
 bool wgmma_supports(const GemmArgs& args);
 cudaError_t launch_gemm_wgmma(const GemmArgs& args, int config, cudaStream_t stream);
 
+// ---- 6-bit -> 8-bit weight expansion (csrc/gemm_expand.cu) -------------------------------------
+// w8 = pack_weight(q, 8) from w6 = pack_weight(q, 6), N * K bytes written; needs N % 16 == 0, K % 32 == 0.
+bool expand_w6_supports(int n, int k);
+cudaError_t launch_expand_w6(const uint8_t* w6, uint8_t* w8, int n, int k, cudaStream_t stream);
+
 // Split-K counters the workspace must provide per concurrent stream (one per output tile).
 constexpr int64_t kSplitKCounters = 1 << 13;
 
