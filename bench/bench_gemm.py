@@ -114,20 +114,36 @@ def impls(c: Case):
     return out
 
 
-def plan_label(m, n, k, bits, path):
-    """The hdrq kernel a call takes: path, output tile, K splits (raises Unsupported for a path that cannot run)."""
+def plan_label(m, n, k, bits, path, expand=None):
+    """The hdrq kernel a call takes: path, output tile, K splits, '+x8' when 6-bit weights are expanded first
+    (raises Unsupported for a path that cannot run)."""
     import hdrq._cuda as hc
 
-    p = hc.plan(m, n, k, bits, torch.device("cuda"), path)
-    return f"{p.path} {p.bm}x{p.bn} s{p.splits}"
+    with _env(path, expand):
+        p = hc.plan(m, n, k, bits, torch.device("cuda"), path)
+    return f"{p.path}{'+x8' if p.expand else ''} {p.bm}x{p.bn} s{p.splits}"
 
 
-def timed_with_path(make, copies, reps, path):
-    os.environ["HDRQ_GEMM_PATH"] = path  # read on every call, so also while the graph is captured
-    try:
+class _env:
+    """HDRQ_GEMM_PATH (and HDRQ_W6_EXPAND when expand is not None) set for a block: read on every call, so
+    also while a graph is captured."""
+
+    def __init__(self, path, expand=None):
+        self.vars = {"HDRQ_GEMM_PATH": path}
+        if expand is not None:
+            self.vars["HDRQ_W6_EXPAND"] = "1" if expand else "0"
+
+    def __enter__(self):
+        os.environ.update(self.vars)
+
+    def __exit__(self, *exc):
+        for key in self.vars:
+            os.environ.pop(key, None)
+
+
+def timed_with_path(make, copies, reps, path, expand=None):
+    with _env(path, expand):
         return graph_time_us(make, copies, reps)
-    finally:
-        os.environ.pop("HDRQ_GEMM_PATH", None)
 
 
 def main():
@@ -177,15 +193,20 @@ def main():
                     times[name] = graph_time_us(make, copies, reps)
                     continue
                 bits = 8 if name.startswith("W8") else 6
-                for path in ("auto", "mma", *hc.WGMMA_PATHS) if m > 64 else ("auto",):
+                variants = [("auto", None)]
+                if m > 64:
+                    variants += [("mma", None)] + [(p, False) for p in hc.WGMMA_PATHS]
+                    if bits == 6:  # 6-bit weights expanded to int8 by one pass, then the 8-bit wgmma kernel
+                        variants += [(p, True) for p in hc.WGMMA_PATHS]
+                for path, expand in variants:
                     if path in hc.WGMMA_PATHS and not wgmma_ok.get(path):
                         continue
                     try:
-                        label = plan_label(m, n, k, bits, path)
+                        label = plan_label(m, n, k, bits, path, expand)
                     except ops.Unsupported:
                         continue
-                    key = name if path == "auto" else f"{name} [{path}]"
-                    times[key], plans[key] = timed_with_path(make, copies, reps, path), label
+                    key = name if path == "auto" else f"{name} [{path}{' x8' if expand else ''}]"
+                    times[key], plans[key] = timed_with_path(make, copies, reps, path, expand), label
             base = times["bf16 F.linear"]
             for name, us in times.items():
                 bytes_per_w = 2.0 if name.startswith("bf16") else (0.75 if name.startswith("W6") else 1.0)
@@ -199,7 +220,8 @@ def main():
              f"decode, as in a model). TOPS = 2*M*N*K/t; GB/s counts weight bytes only (bf16 2 B, fp8/int8 1 B, "
              f"int6 0.75 B per weight). 'plan' is the hdrq kernel path, output tile and K splits; rows "
              f"'[mma]' / '[wgmma]' / '[wgmma_pp]' force that path (wgmma_pp: the ping-pong consumer schedule; "
-             f"'auto' uses GemmDispatch). {wgmma_note}.{dispatch_note}")
+             f"'auto' uses GemmDispatch); ' x8' (W6A6): the 6-bit weights expanded to int8 by one pass on every "
+             f"call (included in the time), then the 8-bit kernel. {wgmma_note}.{dispatch_note}")
     write(args.out, [section("GEMM y = x W^T: hdrq W8A8 / W6A6 vs cuBLAS bf16, FP8 row-wise, int8 _int_mm",
                              ["M", "N x K", "impl", "plan", "us", "TOPS", "weight GB/s", "x bf16"], rows, notes)],
           {"copy_gbs": bw})

@@ -16,6 +16,11 @@ Kernel paths (``csrc/gemm_mma.cu``):
 * ``wgmma_pp``: the same kernel with the ping-pong consumer schedule (alternate tiles per consumer, one's
   epilogue under the other's mainloop).
 
+6-bit weights on a wgmma path either expand inside the kernel's producer or, with *expansion* (``Plan.expand``,
+``GemmDispatch.w6_expand_min_m``, env ``HDRQ_W6_EXPAND=1|0`` to force it on or off), are first expanded to the
+8-bit layout by one pass (``csrc/gemm_expand.cu``: 0.75 B read + 1 B written per weight) into a per-stream
+buffer of N*K bytes, and the 8-bit kernel runs.
+
 The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma`` | ``wgmma_pp``, read
 on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
 one place).
@@ -75,6 +80,10 @@ class GemmDispatch:
     """Which wgmma schedule ``auto`` uses: ``"wgmma"`` (cooperative, measured above) or ``"wgmma_pp"``
     (ping-pong, written 2026-11-27 without a GPU: correct on the CPU emulation and the barrier-protocol
     simulation, not yet timed; bench/tune_gemm.py --wgmma times both and bench_gemm shows both as forced rows)."""
+    w6_expand_min_m: Optional[int] = None
+    """6-bit weights at M >= this take a wgmma path with expansion (see the module docstring); None: never
+    under ``auto``. Off until measured: the pass costs ~N*K*1.75 bytes of traffic (~35 us on 14336 x 4096 at
+    3 TB/s) against a GEMM of 2*M*N*K operations, so it can only pay at large M."""
     wgmma_bits: tuple = (8,)
     """Weight widths that take wgmma under ``auto``: 6-bit wgmma (in-kernel expansion) measured no faster than
     mma (458 vs 462 us at M = 2048, 1913 vs 1829 us at M = 8192 on 4096x14336), so 6-bit stays on mma."""
@@ -108,6 +117,7 @@ class Plan:
     bm: int
     bn: int
     bk: int
+    expand: bool = False  # 6-bit weights expanded to the 8-bit layout first, then the 8-bit kernel
 
 
 # ---------------------------------------------------------------------------------------- devices
@@ -166,10 +176,11 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
     if path not in PATHS:
         raise ValueError(f"HDRQ_GEMM_PATH must be one of {PATHS}, got {path!r}")
     wgmma_ok = cc == 90 and n % 16 == 0 and k % 32 == 0 and a_aligned
+    expand = w_bits == 6 and _w6_expand(m, d)
     if path == "auto":
         if m <= d.decode_max_m:
             path = "decode"
-        elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m and w_bits in d.wgmma_bits
+        elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m and (w_bits in d.wgmma_bits or expand)
               and _cdiv(m, 128) * _cdiv(n, 128) >= d.wgmma_min_waves * sms
               and _wgmma_verified(device, d.wgmma_path)):
             path = d.wgmma_path
@@ -180,8 +191,8 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
             raise ops.Unsupported(f"the wgmma path needs an sm_90 GPU, N % 16 == 0, K % 32 == 0 and 16-byte aligned "
                                   f"A rows; got compute capability {cc // 10}.{cc % 10}, N={n}, K={k}")
         config = WGMMA_PATHS[path]
-        bm, bn, bk = tile_info(1, config, w_bits)[:3]
-        return Plan(path, config, 1, bm, bn, bk)
+        bm, bn, bk = tile_info(1, config, 8 if expand else w_bits)[:3]
+        return Plan(path, config, 1, bm, bn, bk, expand)
     if path == "decode":
         _, name, blocks_per_sm = next((b for b in d.decode_configs if m <= b[0]), d.decode_configs[-1])
         config = DECODE_CONFIGS[name][0]
@@ -194,6 +205,17 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
         raise ops.Unsupported(f"M = {m} needs more than 65535 row tiles of {bm}")
     splits = _splits(m, n, k, w_bits, bm, bn, bk, sms, blocks_per_sm, d)
     return Plan(path, config, splits, bm, bn, bk)
+
+
+def _w6_expand(m: int, d: GemmDispatch) -> bool:
+    """Whether 6-bit weights on a wgmma path are expanded first: HDRQ_W6_EXPAND=1 / 0 forces it, else
+    GemmDispatch.w6_expand_min_m."""
+    forced = os.environ.get("HDRQ_W6_EXPAND", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"HDRQ_W6_EXPAND must be 0 or 1, got {forced!r}")
+    return d.w6_expand_min_m is not None and m >= d.w6_expand_min_m
 
 
 def plan_for_config(m: int, n: int, k: int, w_bits: int, config: str, splits: int) -> Plan:
@@ -293,6 +315,18 @@ class _Workspace:
         self.counters = torch.zeros((slots, counters_per_slot), dtype=torch.int32, device=device)
         self.slot_of: dict[int, int] = {}
         self.partials: dict[int, Tensor] = {}
+        self.expanded: dict[int, Tensor] = {}
+        # Buffers outgrown by a later call stay allocated: a CUDA graph captured earlier may still use them.
+        self.retired: list[Tensor] = []
+
+    def expand_buffer(self, stream: int, nbytes: int) -> Tensor:
+        """The stream's uint8 buffer for expanded 6-bit weights, at least nbytes (16-byte aligned)."""
+        buf = self.expanded.get(stream)
+        if buf is None or buf.numel() < nbytes:
+            if buf is not None:
+                self.retired.append(buf)
+            buf = self.expanded[stream] = torch.empty(nbytes, dtype=torch.uint8, device=self.counters.device)
+        return buf
 
     def get(self, stream: int, elems: int) -> Optional[tuple[Tensor, Tensor]]:
         slot = self.slot_of.get(stream)
@@ -302,6 +336,8 @@ class _Workspace:
             slot = self.slot_of[stream] = len(self.slot_of)
         part = self.partials.get(stream)
         if part is None or part.numel() < elems:
+            if part is not None:
+                self.retired.append(part)
             part = self.partials[stream] = torch.empty(elems, dtype=torch.int32, device=self.counters.device)
         return self.counters[slot], part
 
@@ -310,14 +346,42 @@ _WORKSPACES: dict[int, _Workspace] = {}
 _EMPTY: dict[int, Tensor] = {}
 
 
-def _workspace(device: torch.device, elems: int, counters_per_slot: int) -> Optional[tuple[Tensor, Tensor]]:
-    index = device.index
-    ws = _WORKSPACES.get(index)
+def _device_workspace(device: torch.device, counters_per_slot: int) -> Optional[_Workspace]:
+    ws = _WORKSPACES.get(device.index)
     if ws is None:
         if torch.cuda.is_current_stream_capturing():
-            return None  # zeroed counters cannot be made inside a capture: this call runs without split-K
-        ws = _WORKSPACES[index] = _Workspace(device, DISPATCH.counter_slots, counters_per_slot)
+            return None  # zeroed counters cannot be made inside a capture
+        ws = _WORKSPACES[device.index] = _Workspace(device, DISPATCH.counter_slots, counters_per_slot)
+    return ws
+
+
+def _workspace(device: torch.device, elems: int, counters_per_slot: int) -> Optional[tuple[Tensor, Tensor]]:
+    ws = _device_workspace(device, counters_per_slot)
+    if ws is None:
+        return None  # inside a capture before any split-K call: this call runs without split-K
     return ws.get(torch.cuda.current_stream(device).cuda_stream, elems)
+
+
+def _expanded_weight(w: Tensor, n: int, k: int) -> Tensor:
+    """pack_weight(q, 8) of the 6-bit pack_weight(q, 6) tensor ``w``, in the stream's expansion buffer (valid
+    until the next expanding call on this stream)."""
+    ws = _device_workspace(w.device, tile_info(0, 0, 8)[5])
+    if ws is None:  # first call of the device inside a capture: a buffer of this capture's own
+        buf = torch.empty(n * k, dtype=torch.uint8, device=w.device)
+    else:
+        buf = ws.expand_buffer(torch.cuda.current_stream(w.device).cuda_stream, n * k)
+    w8 = buf[: n * k].view(torch.int8).view(n, k)
+    torch.ops.hdrq_C.expand_w6(w8, w, n, k)
+    PATH_CALLS["expand_w6"] += 1
+    return w8
+
+
+def expand_w6(w: Tensor, n: int, k: int) -> Tensor:
+    """A new int8 tensor ``pack_weight(q, 8)`` from ``w = pack_weight(q, 6)`` ([N, 3K/4] uint8, CUDA), by the
+    expansion kernel; N % 16 == 0 and K % 32 == 0. (What ``Plan.expand`` runs before the 8-bit kernel.)"""
+    w8 = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    torch.ops.hdrq_C.expand_w6(w8, w, n, k)
+    return w8
 
 
 def _empty_int32(device: torch.device) -> Tensor:
@@ -356,6 +420,10 @@ def int_gemm_out(out: Tensor, a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: 
             raise ops.Unsupported(f"{name} must be contiguous, got strides {tuple(t.stride())}")
     a_aligned = a_q.stride(0) % 16 == 0 and a_q.data_ptr() % 16 == 0
     pl = plan_override or plan(m, n, k, w_bits, a_q.device, path or _current_path(), a_aligned=a_aligned)
+    if pl.expand:
+        if w_bits != 6:
+            raise ValueError(f"a plan with expand=True runs 6-bit weights, got w_bits={w_bits}")
+        w, w_bits = _expanded_weight(w, n, k), 8
     splits = pl.splits
     counters = partials = _empty_int32(a_q.device)
     if splits > 1:
@@ -394,6 +462,11 @@ def int_matmul_int32(a_q: Tensor, w: Tensor, w_bits: int) -> Tensor:
 
 @torch.library.register_fake("hdrq_C::int_gemm")
 def _(out, a_q, a_scale, w, w_scale, bias, counters, partials, w_bits, path, config, splits):
+    return None
+
+
+@torch.library.register_fake("hdrq_C::expand_w6")
+def _(w8, w6, n, k):
     return None
 
 

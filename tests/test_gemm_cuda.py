@@ -198,6 +198,71 @@ def test_wgmma_many_tiles_per_cta(cuda_backend, force_path, path, bits, m, n, k)
     assert force_path(path) == before + 2
 
 
+@pytest.mark.parametrize("n,k", [(16, 32), (272, 544), (4096, 4096), (48, 14336)])
+def test_expand_w6_kernel(cuda_backend, n, k):
+    """The 6-bit -> 8-bit expansion pass gives exactly pack_weight(q, 8), every byte written (poisoned)."""
+    q = torch.randint(-32, 32, (n, k), dtype=torch.int8, device="cuda")
+    w6 = ops.pack_weight(q, 6)
+    w8 = torch.full((n, k), 0x5A, dtype=torch.int8, device="cuda")
+    torch.ops.hdrq_C.expand_w6(w8, w6, n, k)
+    assert torch.equal(w8, ops.pack_weight(q, 8))
+    assert torch.equal(cuda_backend.expand_w6(w6, n, k), ops.pack_weight(q, 8))
+
+
+def test_expand_w6_rejects_bad_inputs(cuda_backend):
+    q = torch.randint(-32, 32, (24, 64), dtype=torch.int8, device="cuda")
+    with pytest.raises(RuntimeError, match="N % 16 == 0"):
+        torch.ops.hdrq_C.expand_w6(torch.empty(24, 64, dtype=torch.int8, device="cuda"), ops.pack_weight(q, 6), 24, 64)
+    q = torch.randint(-32, 32, (32, 64), dtype=torch.int8, device="cuda")
+    with pytest.raises(RuntimeError, match="at least 2048 bytes"):
+        torch.ops.hdrq_C.expand_w6(torch.empty(32, 63, dtype=torch.int8, device="cuda"), ops.pack_weight(q, 6), 32, 64)
+
+
+@pytest.mark.parametrize("path", ["wgmma", "wgmma_pp"])
+@pytest.mark.parametrize("m,n,k", [(300, 272, 640), (2048, 4096, 1024)])
+def test_w6_through_expansion(cuda_backend, force_path, monkeypatch, path, m, n, k):
+    """W6A6 on a wgmma path with the weights expanded first (HDRQ_W6_EXPAND=1): exact accumulator, bf16
+    epilogue into a poisoned output, and the expansion and the 8-bit kernel really ran."""
+    before = force_path(path)
+    monkeypatch.setenv("HDRQ_W6_EXPAND", "1")
+    expansions = cuda_backend.PATH_CALLS["expand_w6"]
+    q, w = weights(n, k, 6)
+    a = acts(m, k)
+    assert cuda_backend.plan(m, n, k, 6, torch.device("cuda"), path).expand
+    assert torch.equal(ops.int_matmul_int32(a, w, w_bits=6), ref.int_matmul_acc(a, q))
+    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
+    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ran = cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, 6, path=path)
+    assert ran.expand
+    assert torch.equal(out, ref.int_matmul(a, a_scale, w, w_scale, 6, bias, torch.float32).to(torch.bfloat16))
+    assert force_path(path) == before + 2 and cuda_backend.PATH_CALLS["expand_w6"] == expansions + 2
+    monkeypatch.setenv("HDRQ_W6_EXPAND", "0")
+    assert not cuda_backend.plan(m, n, k, 6, torch.device("cuda"), path).expand
+
+
+def test_w6_expansion_in_a_cuda_graph(cuda_backend, force_path, monkeypatch):
+    """The expansion pass and the 8-bit kernel captured together; replays follow new activations."""
+    force_path("wgmma")
+    monkeypatch.setenv("HDRQ_W6_EXPAND", "1")
+    q, w = weights(1024, 512, 6)
+    a = acts(512, 512)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.int_matmul_int32(a, w, w_bits=6)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.int_matmul_int32(a, w, w_bits=6)
+    for _ in range(2):
+        a.copy_(acts(512, 512))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref.int_matmul_acc(a, q))
+
+
 DECODE_NAMES = ["Decode16", "Decode32", "Decode64", "Decode16K256", "Decode16Deep", "Decode32N128", "Decode64N128"]
 
 

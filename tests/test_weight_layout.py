@@ -310,3 +310,57 @@ def test_cuda_glue_plans_on_cpu():
         assert out[(path, 2048, 4104, 4096)] == "unsupported"       # N % 16
         assert out[(path, 2048, 4096, 4100)] == "unsupported"       # K % 32
     assert out["a100-wgmma"] == "unsupported" and out["a100-auto"] == "mma"
+
+
+# ------------------------------------------------------------------------------------------------ 6 -> 8 expansion
+
+def _sar2x4_from_source():
+    """csrc/gemm_expand.cu's sar2x4, evaluated on numpy uint32 words (its two statements, C -> Python)."""
+    import re
+
+    src = (E.CSRC / "gemm_expand.cu").read_text()
+    body = re.search(r"uint32_t sar2x4\(uint32_t r\) \{\n\s*const uint32_t s = (.+?);\n\s*return (.+?);\n", src)
+    assert body, "sar2x4 not found in csrc/gemm_expand.cu"
+    py = [re.sub(r"(0x[0-9A-Fa-f]+)u", r"np.uint32(\1)", e) for e in body.groups()]
+
+    def sar2x4(r):
+        s = eval(py[0], {"np": np, "r": r})
+        return eval(py[1], {"np": np, "r": r, "s": s})
+    return sar2x4
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (272, 544)])
+def test_expand_w6_emulated_equals_8bit_layout(n, k):
+    """The expansion kernel's per-quad work (three 16-byte loads of a 6-bit unit, expand6, sar2x4, four
+    16-byte stores into the 8-bit unit), emulated on the CPU: pack_weight(q, 6) becomes pack_weight(q, 8)."""
+    src = (E.CSRC / "gemm_expand.cu").read_text()
+    # the kernel's addressing, pinned (unit = i / 8, quad = i % 8; planes 128 bytes apart)
+    assert "const uint8_t* src = w6 + unit * layout::unit_bytes(6) + quad * 16;" in src
+    assert "uint8_t* dst = w8 + unit * layout::unit_bytes(8) + quad * 16;" in src
+    sar2x4 = _sar2x4_from_source()
+    gen = torch.Generator().manual_seed(n + k)
+    q = torch.randint(-32, 32, (n, k), dtype=torch.int8, generator=gen)
+    w6 = ops.pack_weight(q, 6).reshape(-1).view(torch.uint8).numpy()
+    want = ops.pack_weight(q, 8).reshape(-1).view(torch.uint8).numpy()
+    w8 = np.full(n * k, 0x5A, dtype=np.uint8)
+    units = (n // 16) * (k // 32)
+    for i in range(units * 8):
+        unit, quad = i // 8, i % 8
+        s0 = unit * 384 + quad * 16
+        planes = [w6[s0 + p * 128: s0 + p * 128 + 16].view("<u4").astype(np.uint32) for p in range(3)]
+        regs = E.expand6(*planes)
+        d0 = unit * 512 + quad * 16
+        for c in range(4):
+            w8[d0 + c * 128: d0 + c * 128 + 16] = sar2x4(np.asarray(regs[c], dtype=np.uint32)).astype("<u4").view(np.uint8)
+    assert np.array_equal(w8, want)
+
+
+def test_sar2x4_is_a_per_byte_arithmetic_shift():
+    sar2x4 = _sar2x4_from_source()
+    vals = np.arange(-32, 32, dtype=np.int64)  # w; the input bytes are 4 * w
+    words = ((4 * vals) & 0xFF).astype(np.uint32)
+    words = words | (words[::-1] << 8) | (words << 16) | (words[::-1] << 24)
+    out = sar2x4(words)
+    for b, expect in enumerate([vals, vals[::-1], vals, vals[::-1]]):
+        got = ((out >> (8 * b)) & 0xFF).astype(np.uint8).view(np.int8)
+        assert np.array_equal(got, expect)
