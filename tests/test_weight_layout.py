@@ -246,6 +246,7 @@ lib = torch.library.Library("hdrq_C", "DEF")
 lib.define("int_gemm(Tensor(a!) out, Tensor a_q, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, "
            "Tensor(b!) counters, Tensor(c!) partials, int w_bits, int path, int config, int splits) -> ()")
 lib.define("gemm_info(int path, int config, int w_bits) -> int[]")
+lib.define("expand_w6(Tensor(a!) w8, Tensor w6, int n, int k) -> ()")
 COUNTERS = 1 << int(re.search(r"kSplitKCounters = 1 << (\d+);", (E.CSRC / "gemm.h").read_text()).group(1))
 def gemm_info(path, config, w_bits):
     if path == 1:
@@ -270,6 +271,14 @@ for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
             out[(path, m, n, k)] = (p.path, p.config)
         except ops.Unsupported as e:
             out[(path, m, n, k)] = "unsupported"
+import os, dataclasses
+os.environ["HDRQ_W6_EXPAND"] = "1"
+out["x8-forced"] = [(p.path, p.expand) for p in (c.plan(2048, 4096, 4096, b, dev, "wgmma_pp") for b in (6, 8))]
+os.environ["HDRQ_W6_EXPAND"] = "0"
+out["x8-off"] = c.plan(2048, 4096, 4096, 6, dev, "wgmma").expand
+del os.environ["HDRQ_W6_EXPAND"]
+c.DISPATCH = dataclasses.replace(c.DISPATCH, w6_expand_min_m=1024)
+out["x8-min-m"] = [c.plan(m, 4096, 4096, 6, dev, "wgmma").expand for m in (512, 1024)]
 c._device_info = lambda index: (80, 108)
 try:
     c.plan(4096, 4096, 4096, 8, dev, "wgmma")
@@ -310,6 +319,9 @@ def test_cuda_glue_plans_on_cpu():
         assert out[(path, 2048, 4104, 4096)] == "unsupported"       # N % 16
         assert out[(path, 2048, 4096, 4100)] == "unsupported"       # K % 32
     assert out["a100-wgmma"] == "unsupported" and out["a100-auto"] == "mma"
+    # 6-bit expansion: forced on (8-bit weights never expand), forced off, and by GemmDispatch.w6_expand_min_m
+    assert out["x8-forced"] == [("wgmma_pp", True), ("wgmma_pp", False)]
+    assert out["x8-off"] is False and out["x8-min-m"] == [False, True]
 
 
 # ------------------------------------------------------------------------------------------------ 6 -> 8 expansion
