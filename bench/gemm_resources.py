@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = [("sm_80", "-gencode=arch=compute_80,code=sm_80"), ("sm_90a", "-gencode=arch=compute_90a,code=sm_90a")]
-WGMMA_NAMES = ["cooperative", "ping-pong"]  # csrc/gemm.h WgmmaConfig
+WGMMA_NAMES = ["cooperative", "ping-pong", "cooperative 128x256"]  # csrc/gemm.h WgmmaConfig
 SASS_OPS = ["IMMA", "IGMMA", "LDSM", "LDGSTS", "UTMALDG", "UBLKCP", "LDL", "STL"]
 
 DRIVER = r"""
@@ -84,7 +84,9 @@ def kernel_label(mangled: str, names: dict) -> str:
         return f"mma {names.get(tuple(rest), rest)} w{bits}"
     m = re.search(r"gemm_wgmma_kernelILi(\d+)ELi(\d+)E", mangled)
     if m:
-        return f"wgmma 128x128 {WGMMA_NAMES[int(m.group(2))]} w{m.group(1)}"
+        return f"wgmma {WGMMA_NAMES[int(m.group(2))]} w{m.group(1)}"
+    if "expand_w6_kernel" in mangled:
+        return "expand w6 -> w8"
     return mangled
 
 
@@ -116,9 +118,9 @@ def main():
                 m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
                 if m and "stack" not in info[current]:
                     info[current].update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
-                m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+                m = re.search(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?", line)
                 if m:
-                    info[current].update(regs=int(m.group(1)), smem=int(m.group(2)))
+                    info[current].update(regs=int(m.group(1)), smem=int(m.group(2) or 0))
                     current = None
             sass = sh([find_cuobjdump(), "-sass", obj])
             counts = collections.defaultdict(collections.Counter)

@@ -21,6 +21,7 @@ from hdrq import reference as ref
 CALLS = [
     ("W8A8 wgmma cooperative", "wgmma", 8, 2048, 4096, 4096),
     ("W8A8 wgmma ping-pong", "wgmma_pp", 8, 2048, 4096, 4096),
+    ("W8A8 wgmma 128x256", "wgmma256", 8, 2048, 4096, 4096),
     ("W6A6 wgmma cooperative", "wgmma", 6, 2048, 4096, 4096),
     ("W8A8 mma", "mma", 8, 2048, 4096, 4096),
     ("W8A8 decode M=64", "decode", 8, 64, 4096, 4096),
@@ -30,12 +31,12 @@ CALLS = [
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the first two calls only")
+    ap.add_argument("--quick", action="store_true", help="the first three calls only")
     args = ap.parse_args()
     import hdrq._cuda as hc
 
     bad = 0
-    for label, path, bits, m, n, k in CALLS[:2] if args.quick else CALLS:
+    for label, path, bits, m, n, k in CALLS[:3] if args.quick else CALLS:
         lo, hi = (-128, 128) if bits == 8 else (-32, 32)
         q = torch.randint(lo, hi, (n, k), dtype=torch.int8, device="cuda")
         w = ops.pack_weight(q, bits)

@@ -37,6 +37,9 @@ CASES = [
     ("wgmma_pp", 6, 130, 144, 288, 1),
     ("wgmma_pp", 8, 1100, 2064, 64, 1),  # 153 tiles > SMs: CTAs with two tiles, both ping-pong consumers busy
     ("wgmma_pp", 6, 1100, 2064, 64, 1),
+    ("wgmma256", 8, 200, 272, 544, 1),   # a partial 256-wide tile
+    ("wgmma256", 6, 130, 400, 288, 1),
+    ("wgmma256", 8, 1100, 4128, 64, 1),  # 153 tiles > SMs
     # the other decode tile configurations (hdrq._cuda.DECODE_CONFIGS), run by name
     ("Decode16K256", 8, 3, 72, 600, 2),
     ("Decode16Deep", 6, 16, 40, 1100, 1),

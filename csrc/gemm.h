@@ -72,12 +72,13 @@ TileShape mma_tile_shape(int config, int w_bits);
 cudaError_t launch_gemm_mma(const GemmArgs& args, int config, cudaStream_t stream);
 
 // ---- wgmma kernel (sm_90a only; csrc/gemm_wgmma.cu) ----------------------------------------------
-// 128 x 128 tiles, persistent; needs N % 16 == 0, K % 32 == 0, A rows 16-byte aligned, splits == 1.
-// Consumer schedules, by index:
+// Persistent, 128 x 128 or 128 x 256 tiles; needs N % 16 == 0, K % 32 == 0, A rows 16-byte aligned, splits == 1.
+// Configurations (consumer schedule and tile), by index:
 enum WgmmaConfig : int {
   kWgmmaCooperative = 0,  // both consumer warpgroups on every tile (64 rows each); epilogue not overlapped
   kWgmmaPingPong = 1,     // consumers on alternate tiles (128 rows each); one's epilogue under the other's MMAs
-  kWgmmaNumConfigs = 2,
+  kWgmmaCooperative256 = 2,  // cooperative with 128 x 256 tiles: a third less L2 and shared-memory traffic per op
+  kWgmmaNumConfigs = 3,
 };
 TileShape wgmma_tile_shape(int config, int w_bits);
 bool wgmma_supports(const GemmArgs& args);

@@ -42,16 +42,29 @@ namespace hdrq {
 // draw "declared but never referenced" warnings in the sm_80 pass.
 namespace wgmma_detail {
 
-constexpr int kBM = 128, kBN = 128, kBK = 128, kStages = 4, kThreads = 384;
+constexpr int kBM = 128, kBK = 128, kThreads = 384;
 constexpr int kBKU = kBK / layout::kUnitK;                // 4 k-units per stage
-constexpr int kPanels = kBN / layout::kPanelRows;         // 8 panels per tile
 constexpr int kAStageBytes = kBM * kBK;                   // 16 KB
-constexpr int kBStageBytes = kBKU * kPanels * 4 * layout::kPlaneBytes;  // 16 KB (int8, 4 planes)
 constexpr int kLookahead = 2;                             // 6-bit: staging copies run this many stages ahead
 constexpr int kSlots = kLookahead + 1;
-constexpr int kStagingBytes = kBKU * kPanels * 3 * layout::kPlaneBytes;  // 12 KB of packed 6-bit units
-constexpr int kItems = kBKU * kPanels * 8;  // 16-byte quads per plane per stage (6-bit)
-static_assert(kItems % 128 == 0, "every producer thread expands the same number of quads");
+
+// What depends on the configuration: the tile width and, through the shared-memory budget, the stages.
+template <int BITS, int CONFIG>
+struct WgTraits {
+  static constexpr int kBN = CONFIG == kWgmmaCooperative256 ? 256 : 128;
+  static constexpr int kStages = CONFIG == kWgmmaCooperative256 && BITS == 6 ? 3 : 4;
+  static constexpr int kPanels = kBN / layout::kPanelRows;                          // 8 or 16 per tile
+  static constexpr int kBStageBytes = kBKU * kPanels * 4 * layout::kPlaneBytes;    // 16 or 32 KB (int8)
+  static constexpr int kStagingBytes = kBKU * kPanels * 3 * layout::kPlaneBytes;   // packed 6-bit units
+  static constexpr int kItems = kBKU * kPanels * 8;  // 16-byte quads per plane per stage (6-bit)
+  static constexpr int kAcc = kBN / 2;               // accumulator registers of one m64nBNk32
+  // Configurations whose consumers hold 128 accumulators reallocate registers (setmaxnreg).
+  static constexpr bool kRealloc = CONFIG != kWgmmaCooperative;
+  static constexpr int kSmemBytes = 1024 /* alignment slack: 128B-swizzled TMA tiles need 1024-byte aligned stages */ +
+                                    kStages * (kAStageBytes + kBStageBytes) + (BITS == 6 ? kSlots * kStagingBytes : 0);
+  static_assert(kItems % 128 == 0, "every producer thread expands the same number of quads");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+};
 
 // setmaxnreg split of the ping-pong schedule: 128 * producer + 256 * consumer <= 384 * 168 (the launch's
 // registers per thread under __launch_bounds__(384, 1)). The 6-bit producer expands weights: more registers.
@@ -62,10 +75,6 @@ constexpr int kConsumerRegs = BITS == 8 ? 232 : 216;
 static_assert(128 * kProducerRegs<8> + 256 * kConsumerRegs<8> <= 384 * 168, "register split (8-bit)");
 static_assert(128 * kProducerRegs<6> + 256 * kConsumerRegs<6> <= 384 * 168, "register split (6-bit)");
 
-constexpr int smem_bytes(int bits) {
-  return 1024 /* alignment slack: 128B-swizzled TMA tiles need 1024-byte aligned stages */ +
-         kStages * (kAStageBytes + kBStageBytes) + (bits == 6 ? kSlots * kStagingBytes : 0);
-}
 
 // ---- PTX wrappers (sm_90a) ------------------------------------------------------------------------
 
@@ -139,9 +148,10 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t lbo, uint3
 }
 
 // Keeps the compiler from moving accumulator accesses across the asynchronous wgmma.
-__device__ __forceinline__ void fence_operands(int32_t (&d)[64]) {
+template <int N>
+__device__ __forceinline__ void fence_operands(int32_t (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
 }
 
 // Register reallocation between warpgroups (sm_90a): the producer gives registers back, the consumers
@@ -177,6 +187,48 @@ __device__ __forceinline__ void wgmma_s8_m64n128k32(int32_t (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(1));
 }
 
+__device__ __forceinline__ void wgmma_s8_m64n256k32(int32_t (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "
+      "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, "
+      "%120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
+        "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
+        "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+        "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
+        "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
+        "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+        "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
+        "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
+        "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+// m64nNk32 for the tile widths used here.
+template <int N>
+__device__ __forceinline__ void wgmma_s8_m64nNk32(int32_t (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (N == 128)
+    wgmma_s8_m64n128k32(d, desc_a, desc_b);
+  else
+    wgmma_s8_m64n256k32(d, desc_a, desc_b);
+}
+
 // ---- the kernel -------------------------------------------------------------------------------------
 
 struct TileIndex {
@@ -184,6 +236,7 @@ struct TileIndex {
 };
 
 // The (tile, k-tile) of this CTA's f-th pipeline step.
+template <int kBN>
 __device__ inline TileIndex step_of(int f, int kt_total, int m_tiles) {
   const int tile = blockIdx.x + (f / kt_total) * gridDim.x;
   return TileIndex{(tile % m_tiles) * kBM, (tile / m_tiles) * kBN, f % kt_total};
@@ -197,6 +250,9 @@ using namespace wgmma_detail;
 template <int BITS, int CONFIG>
 __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tmap_a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = WgTraits<BITS, CONFIG>;
+  constexpr int kBN = T::kBN, kStages = T::kStages, kPanels = T::kPanels, kBStageBytes = T::kBStageBytes;
+  constexpr int kStagingBytes = T::kStagingBytes, kItems = T::kItems;
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[kStages];   // producer -> consumers: stage loaded
   __shared__ __align__(8) uint64_t empty_bar[kStages];  // consumers -> producer: stage read
@@ -235,13 +291,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
 
   if (wg == 0) {
     // ================================ producer ================================
-    if constexpr (kPingPong) setmaxnreg_dec<kProducerRegs<BITS>>();
+    if constexpr (T::kRealloc) setmaxnreg_dec<kProducerRegs<BITS>>();
     if (BITS == 8) {
       if (tid != 0) return;
       for (int f = 0; f < steps; ++f) {
         const int s = f % kStages;
         mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
-        const TileIndex ti = step_of(f, kt_total, m_tiles);
+        const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
         const int p0 = ti.n0 / layout::kPanelRows;
         const int panels = min(kPanels, full_panels - p0);
         const int units = min(kBKU, full_units - ti.kt * kBKU);
@@ -255,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
     } else {
       // Thread t copies (and later expands) items t and t + 128: item = (unit, 16-byte quad of lanes).
       auto issue = [&](int f) {
-        const TileIndex ti = step_of(f, kt_total, m_tiles);
+        const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
         const int p0 = ti.n0 / layout::kPanelRows;
         uint8_t* slot = staging + (f % kSlots) * kStagingBytes;
 #pragma unroll
@@ -281,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
         cp_async_wait<kLookahead>();  // this thread's copies of step f have landed
         const int s = f % kStages;
         mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
-        const TileIndex ti = step_of(f, kt_total, m_tiles);
+        const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
         const int p0 = ti.n0 / layout::kPanelRows;
         const uint8_t* slot = staging + (f % kSlots) * kStagingBytes;
 #pragma unroll
@@ -324,8 +380,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
   const int g = lane >> 2, t = lane & 3;
   const int out_bytes = (p.out_kind == kOutBF16 || p.out_kind == kOutFP16) ? 2 : 4;
   const bool pair_ok = (p.ldo % 2) == 0 && reinterpret_cast<uintptr_t>(p.out) % (2 * out_bytes) == 0;
-  // accumulator j*4 + r of a 64 x 128 half: row 16w + g + 8*(r >> 1), column 8j + 2t + (r & 1)
-  auto epilogue = [&](const int32_t (&acc)[64], int row0, int n0) {
+  // accumulator j*4 + r of a 64 x kBN half: row 16w + g + 8*(r >> 1), column 8j + 2t + (r & 1)
+  auto epilogue = [&](const auto& acc, int row0, int n0) {  // acc: int32_t[kBN / 2]
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
@@ -347,12 +403,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
   };
 
   if constexpr (!kPingPong) {
-    int32_t acc[64];
+    if constexpr (T::kRealloc) setmaxnreg_inc<kConsumerRegs<BITS>>();
+    int32_t acc[T::kAcc];
     int f = 0;
     for (int i = 0; i < my_tiles; ++i) {
-      const TileIndex ti = step_of(f, kt_total, m_tiles);
+      const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
 #pragma unroll
-      for (int r = 0; r < 64; ++r) acc[r] = 0;
+      for (int r = 0; r < T::kAcc; ++r) acc[r] = 0;
       int prev = -1;
       for (int kt = 0; kt < kt_total; ++kt, ++f) {
         const int s = f % kStages;
@@ -360,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
         fence_operands(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int ku = 0; ku < kBKU; ++ku) wgmma_s8_m64n128k32(acc, a_desc(s, c, ku), b_desc(s, ku));
+        for (int ku = 0; ku < kBKU; ++ku) wgmma_s8_m64nNk32<kBN>(acc, a_desc(s, c, ku), b_desc(s, ku));
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // the previous stage's group is done
         fence_operands(acc);
@@ -373,11 +430,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
       epilogue(acc, ti.m0 + 64 * c, ti.n0);
     }
   } else {
+    static_assert(kBN == 128, "ping-pong: two 64 x 128 accumulators per consumer");
     setmaxnreg_inc<kConsumerRegs<BITS>>();
     int32_t acc0[64], acc1[64];  // rows 0-63 and 64-127 of the tile
     for (int i = c, mine = 0; i < my_tiles; i += 2, ++mine) {
       int f = i * kt_total;
-      const TileIndex ti = step_of(f, kt_total, m_tiles);
+      const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
 #pragma unroll
       for (int r = 0; r < 64; ++r) acc0[r] = acc1[r] = 0;
       // order_bar[c] completes once per mainloop of the other consumer: consumer 1's tile number `mine` needs
@@ -453,10 +511,11 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   auto kernel = gemm_wgmma_kernel<BITS, CONFIG>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes(BITS));
+  using T = WgTraits<BITS, CONFIG>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int tiles = ceil_div(args.m, kBM) * ceil_div(args.n, kBN);
-  kernel<<<tiles < sms ? tiles : sms, kThreads, smem_bytes(BITS), stream>>>(args, tmap);
+  const int tiles = ceil_div(args.m, kBM) * ceil_div(args.n, T::kBN);
+  kernel<<<tiles < sms ? tiles : sms, kThreads, T::kSmemBytes, stream>>>(args, tmap);
   return cudaGetLastError();
 }
 
@@ -464,7 +523,18 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
 
 TileShape wgmma_tile_shape(int config, int w_bits) {
   if ((w_bits != 6 && w_bits != 8) || config < 0 || config >= kWgmmaNumConfigs) return TileShape{0, 0, 0, 0, 0};
-  return TileShape{kBM, kBN, kBK, kThreads, smem_bytes(w_bits)};
+  auto shape = [](auto traits) {
+    using T = decltype(traits);
+    return TileShape{kBM, T::kBN, kBK, kThreads, T::kSmemBytes};
+  };
+  switch (config * 2 + (w_bits == 8)) {
+    case 0: return shape(WgTraits<6, kWgmmaCooperative>{});
+    case 1: return shape(WgTraits<8, kWgmmaCooperative>{});
+    case 2: return shape(WgTraits<6, kWgmmaPingPong>{});
+    case 3: return shape(WgTraits<8, kWgmmaPingPong>{});
+    case 4: return shape(WgTraits<6, kWgmmaCooperative256>{});
+    default: return shape(WgTraits<8, kWgmmaCooperative256>{});
+  }
 }
 
 bool wgmma_supports(const GemmArgs& a) {
@@ -483,6 +553,9 @@ cudaError_t launch_gemm_wgmma(const GemmArgs& args, int config, cudaStream_t str
   if (major != 9 || minor != 0) return cudaErrorNotSupported;
   if (config == kWgmmaPingPong)
     return args.w_bits == 8 ? launch<8, kWgmmaPingPong>(args, stream) : launch<6, kWgmmaPingPong>(args, stream);
+  if (config == kWgmmaCooperative256)
+    return args.w_bits == 8 ? launch<8, kWgmmaCooperative256>(args, stream)
+                            : launch<6, kWgmmaCooperative256>(args, stream);
   return args.w_bits == 8 ? launch<8, kWgmmaCooperative>(args, stream) : launch<6, kWgmmaCooperative>(args, stream);
 }
 

@@ -14,15 +14,16 @@ Kernel paths (``csrc/gemm_mma.cu``):
   persistent, both consumer warpgroups on every tile (cooperative); needs N % 16 == 0, K % 32 == 0 and
   16-byte aligned A rows (else ``mma`` runs);
 * ``wgmma_pp``: the same kernel with the ping-pong consumer schedule (alternate tiles per consumer, one's
-  epilogue under the other's mainloop).
+  epilogue under the other's mainloop);
+* ``wgmma256``: cooperative with 128x256 tiles (a third less L2 and shared-memory traffic per operation).
 
 6-bit weights on a wgmma path either expand inside the kernel's producer or, with *expansion* (``Plan.expand``,
 ``GemmDispatch.w6_expand_min_m``, env ``HDRQ_W6_EXPAND=1|0`` to force it on or off), are first expanded to the
 8-bit layout by one pass (``csrc/gemm_expand.cu``: 0.75 B read + 1 B written per weight) into a per-stream
 buffer of N*K bytes, and the 8-bit kernel runs.
 
-The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma`` | ``wgmma_pp``, read
-on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
+The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma`` | ``wgmma_pp`` |
+``wgmma256``, read on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
 one place).
 A forced path that cannot take the inputs raises ``hdrq.ops.Unsupported`` (the reference runs, with a
 warning), never a wrong answer. Before ``auto`` first sends a call to ``wgmma`` on a device, it checks that
@@ -44,9 +45,9 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library: registers the hdrq_C ops)
 from . import ops
 
-PATHS = ("auto", "decode", "mma", "wgmma", "wgmma_pp")
-_CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1, "wgmma_pp": 1}  # decode and mma: the mma.sync kernel
-WGMMA_PATHS = {"wgmma": 0, "wgmma_pp": 1}  # path -> csrc/gemm.h WgmmaConfig (consumer schedule)
+PATHS = ("auto", "decode", "mma", "wgmma", "wgmma_pp", "wgmma256")
+_CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1, "wgmma_pp": 1, "wgmma256": 1}  # decode, mma: the mma.sync kernel
+WGMMA_PATHS = {"wgmma": 0, "wgmma_pp": 1, "wgmma256": 2}  # path -> csrc/gemm.h WgmmaConfig
 # Config indices of hdrq_C path 0 (csrc/gemm.h, MmaConfig)
 _TILE64, _TILE128 = 3, 4
 # Decode configurations (csrc/gemm.h, MmaConfig): name -> (index, largest M it takes). Several per M
@@ -77,9 +78,10 @@ class GemmDispatch:
     256: measured on an H100 (bench/RESULTS.md, 2026-11-26), W8A8 wgmma beats mma from M = 256 (84 vs 108 us on
     4096x14336) to M = 8192 (1287 vs 2452 us); M in (64, 256) was not measured."""
     wgmma_path: str = "wgmma"
-    """Which wgmma schedule ``auto`` uses: ``"wgmma"`` (cooperative, measured above) or ``"wgmma_pp"``
-    (ping-pong, written 2026-11-27 without a GPU: correct on the CPU emulation and the barrier-protocol
-    simulation, not yet timed; bench/tune_gemm.py --wgmma times both and bench_gemm shows both as forced rows)."""
+    """Which wgmma configuration ``auto`` uses: ``"wgmma"`` (cooperative 128x128, measured above),
+    ``"wgmma_pp"`` (ping-pong) or ``"wgmma256"`` (cooperative 128x256). The last two were written 2026-11-27
+    without a GPU: exact on the CPU emulation, the barrier protocol simulated, not yet run or timed on a GPU;
+    bench_gemm times every one as forced rows and its note says which to pick."""
     w6_expand_min_m: Optional[int] = None
     """6-bit weights at M >= this take a wgmma path with expansion (see the module docstring); None: never
     under ``auto``. Off until measured: the pass costs ~N*K*1.75 bytes of traffic (~35 us on 14336 x 4096 at
@@ -111,7 +113,7 @@ DISPATCH = GemmDispatch()
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    path: str      # "decode" | "mma" | "wgmma" | "wgmma_pp"
+    path: str      # "decode" | "mma" | "wgmma" | "wgmma_pp" | "wgmma256"
     config: int    # hdrq_C config index of that path
     splits: int
     bm: int
@@ -181,7 +183,8 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
         if m <= d.decode_max_m:
             path = "decode"
         elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m and (w_bits in d.wgmma_bits or expand)
-              and _cdiv(m, 128) * _cdiv(n, 128) >= d.wgmma_min_waves * sms
+              and _cdiv(m, 128) * _cdiv(n, tile_info(1, WGMMA_PATHS[d.wgmma_path], w_bits)[1])
+              >= d.wgmma_min_waves * sms
               and _wgmma_verified(device, d.wgmma_path)):
             path = d.wgmma_path
         else:

@@ -18,7 +18,7 @@ from hdrq import reference as ref
 
 pytestmark = pytest.mark.cuda
 
-KERNEL_PATHS = ["decode", "mma", "wgmma", "wgmma_pp"]  # wgmma_pp: the ping-pong schedule
+KERNEL_PATHS = ["decode", "mma", "wgmma", "wgmma_pp", "wgmma256"]  # wgmma_pp: ping-pong; wgmma256: 128x256 tiles
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_int32_output_poisoned(cuda_backend, force_path, path):
     assert torch.equal(out, ref.int_matmul_acc(a, q))
 
 
-@pytest.mark.parametrize("path", ["wgmma", "wgmma_pp"])
+@pytest.mark.parametrize("path", ["wgmma", "wgmma_pp", "wgmma256"])
 @pytest.mark.parametrize("bits", [6, 8])
 @pytest.mark.parametrize("m,n,k", [(4000, 4000, 96), (3000, 1040, 1000)])
 def test_wgmma_many_tiles_per_cta(cuda_backend, force_path, path, bits, m, n, k):
@@ -218,7 +218,7 @@ def test_expand_w6_rejects_bad_inputs(cuda_backend):
         torch.ops.hdrq_C.expand_w6(torch.empty(32, 63, dtype=torch.int8, device="cuda"), ops.pack_weight(q, 6), 32, 64)
 
 
-@pytest.mark.parametrize("path", ["wgmma", "wgmma_pp"])
+@pytest.mark.parametrize("path", ["wgmma", "wgmma_pp", "wgmma256"])
 @pytest.mark.parametrize("m,n,k", [(300, 272, 640), (2048, 4096, 1024)])
 def test_w6_through_expansion(cuda_backend, force_path, monkeypatch, path, m, n, k):
     """W6A6 on a wgmma path with the weights expanded first (HDRQ_W6_EXPAND=1): exact accumulator, bf16
@@ -340,7 +340,8 @@ def test_concurrent_streams(cuda_backend):
         assert torch.equal(o, wnt.float())
 
 
-@pytest.mark.parametrize("m,path", [(1, "auto"), (16, "auto"), (300, "auto"), (300, "wgmma"), (300, "wgmma_pp")])
+@pytest.mark.parametrize("m,path", [(1, "auto"), (16, "auto"), (300, "auto"), (300, "wgmma"), (300, "wgmma_pp"),
+                                    (300, "wgmma256")])
 def test_cuda_graph_capture(cuda_backend, force_path, m, path):
     force_path(path)
     q, w = weights(4096, 4096, 6)
@@ -405,7 +406,7 @@ def test_auto_dispatch_uses_kernels(cuda_backend, wgmma_canary, monkeypatch):
         assert cuda_backend.PATH_CALLS[path] == before + 1
 
 
-@pytest.mark.parametrize("wgmma_path", ["wgmma", "wgmma_pp"])
+@pytest.mark.parametrize("wgmma_path", ["wgmma", "wgmma_pp", "wgmma256"])
 def test_auto_dispatch_to_wgmma(cuda_backend, force_path, monkeypatch, wgmma_path):
     """With a crossover set, auto sends large M to the chosen wgmma schedule (after its first-use check) on
     Hopper only."""

@@ -248,9 +248,11 @@ lib.define("int_gemm(Tensor(a!) out, Tensor a_q, Tensor a_scale, Tensor w, Tenso
 lib.define("gemm_info(int path, int config, int w_bits) -> int[]")
 lib.define("expand_w6(Tensor(a!) w8, Tensor w6, int n, int k) -> ()")
 COUNTERS = 1 << int(re.search(r"kSplitKCounters = 1 << (\d+);", (E.CSRC / "gemm.h").read_text()).group(1))
+WIDE, NARROW = (int(x) for x in re.search(r"kBN = CONFIG == kWgmmaCooperative256 \? (\d+) : (\d+);",
+                                            (E.CSRC / "gemm_wgmma.cu").read_text()).groups())
 def gemm_info(path, config, w_bits):
     if path == 1:
-        return [128, 128, 128, 384, 0, COUNTERS]
+        return [128, WIDE if config == 2 else NARROW, 128, 384, 0, COUNTERS]
     t = E.traits(config, w_bits)
     return [t.BM, t.BN, t.BK, t.threads, t.STAGES * t.stage_bytes, COUNTERS]
 lib.impl("gemm_info", gemm_info, "CompositeExplicitAutograd")
@@ -265,10 +267,10 @@ for m, n, k, bits in [(1, 4096, 4096, 6), (1, 14336, 4096, 8), (16, 4096, 4096, 
     p = c.plan(m, n, k, bits, dev)
     out[(m, n, k, bits)] = (p.path, p.bm, p.bn, p.splits)
 for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
-    for path in ("wgmma", "wgmma_pp"):
+    for path in ("wgmma", "wgmma_pp", "wgmma256"):
         try:
             p = c.plan(m, n, k, 8, dev, path)
-            out[(path, m, n, k)] = (p.path, p.config)
+            out[(path, m, n, k)] = (p.path, p.config, p.bn)
         except ops.Unsupported as e:
             out[(path, m, n, k)] = "unsupported"
 import os, dataclasses
@@ -313,9 +315,10 @@ def test_cuda_glue_plans_on_cpu():
     assert out[(65, 4096, 4096, 8)][0] == "mma" and out[(256, 4096, 4096, 6)][0] == "mma"
     assert out[(2048, 4096, 4096, 8)] == ("mma", 128, 128, 1)       # wgmma off (HDRQ_WGMMA_MIN_M=0)
     assert out[(1, 8, 4, 6)] == ("decode", 16, 64, 1)
-    assert out[("wgmma", 2048, 4096, 4096)] == ("wgmma", 0)          # WgmmaConfig: cooperative
-    assert out[("wgmma_pp", 2048, 4096, 4096)] == ("wgmma_pp", 1)    # ping-pong
-    for path in ("wgmma", "wgmma_pp"):
+    assert out[("wgmma", 2048, 4096, 4096)] == ("wgmma", 0, 128)          # WgmmaConfig: cooperative
+    assert out[("wgmma_pp", 2048, 4096, 4096)] == ("wgmma_pp", 1, 128)    # ping-pong
+    assert out[("wgmma256", 2048, 4096, 4096)] == ("wgmma256", 2, 256)    # cooperative, 128 x 256
+    for path in ("wgmma", "wgmma_pp", "wgmma256"):
         assert out[(path, 2048, 4104, 4096)] == "unsupported"       # N % 16
         assert out[(path, 2048, 4096, 4100)] == "unsupported"       # K % 32
     assert out["a100-wgmma"] == "unsupported" and out["a100-auto"] == "mma"

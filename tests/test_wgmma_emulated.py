@@ -20,16 +20,20 @@ def problem(m, n, k, bits, seed=0):
     return W.Problem(a.numpy(), w, m, n, k, bits), ref.int_matmul_acc(a, q).numpy()
 
 
-@pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
+@pytest.mark.parametrize("schedule", ["cooperative", "pingpong", "cooperative256"])
 @pytest.mark.parametrize("bits", [8, 6])
-@pytest.mark.parametrize("m,n,k,grid", [(200, 272, 544, 3), (1, 16, 32, 1), (130, 128, 128, 2), (64, 48, 96, 1)])
+@pytest.mark.parametrize("m,n,k,grid", [(200, 272, 544, 3), (1, 16, 32, 1), (130, 128, 128, 2), (64, 48, 96, 1),
+                                        (130, 400, 96, 2)])
 def test_emulated_wgmma_accumulator_is_exact(schedule, bits, m, n, k, grid):
     P, expect = problem(m, n, k, bits)
     assert np.array_equal(W.run_kernel(P, grid, schedule), expect)
 
 
 def test_schedules_parsed_from_the_kernel():
-    """Cooperative: consumer c reads half c and writes rows 64c..; ping-pong: one consumer, both halves."""
+    """Cooperative: consumer c reads half c and writes rows 64c..; ping-pong: one consumer, both halves;
+    the 128 x 256 configuration: the cooperative branch with wider tiles and, for 6-bit, fewer stages."""
+    assert (W.NARROW_BN, W.WIDE_BN, W.STAGES, W.WIDE6_STAGES) == (128, 256, 4, 3)
+    assert W.cfg("cooperative256", 8).b_stage == 32768 and W.cfg("cooperative256", 6).stages == 3
     assert W.SCHEDULE_HALVES["cooperative"] == [("c", "64 * c")]
     assert W.SCHEDULE_HALVES["pingpong"] == [("0", "0"), ("1", "64")]
     assert W._halves("cooperative") == [(0, 0), (1, 64)] and W._halves("pingpong") == [(0, 0), (1, 64)]
@@ -127,7 +131,7 @@ def test_kernel_uses_the_simulated_protocol():
     assert "mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);" in src
     assert src.count("mbar_wait(&full_bar[s], (f / kStages) & 1);") == 2
     assert src.count("wgmma.wait_group.sync.aligned 1;") == 2
-    pp = src[src.index("setmaxnreg_inc<kConsumerRegs<BITS>>();"):]
+    pp = src[src.index(W.PINGPONG_BRANCH):]
     # ping-pong: the order arrive comes after the mainloop and before the final wait_group 0
     assert pp.index("mbar_arrive(&order_bar[c ^ 1]);") < pp.index("wgmma.wait_group.sync.aligned 0;")
     assert "for (int i = c, mine = 0; i < my_tiles; i += 2, ++mine)" in pp and "int f = i * kt_total;" in pp

@@ -30,13 +30,50 @@ def _const(name: str) -> int:
     return int(m.group(1))
 
 
-BM, BN, BK, STAGES = _const("kBM"), _const("kBN"), _const("kBK"), _const("kStages")
+BM, BK = _const("kBM"), _const("kBK")
 LOOKAHEAD = int(re.search(r"kLookahead = (\d+)", SRC).group(1))
-BKU, PANELS = BK // 32, BN // 16
-A_STAGE, B_STAGE = BM * BK, BKU * PANELS * 512
+BKU = BK // 32
+A_STAGE = BM * BK
 SLOTS = LOOKAHEAD + 1
-STAGING = BKU * PANELS * 384
-ITEMS = BKU * PANELS * 8
+# WgTraits: the tile width and stages of each configuration
+WIDE_BN, NARROW_BN = (int(x) for x in re.search(r"kBN = CONFIG == kWgmmaCooperative256 \? (\d+) : (\d+);", SRC).groups())
+WIDE6_STAGES, STAGES = (int(x) for x in re.search(
+    r"kStages = CONFIG == kWgmmaCooperative256 && BITS == 6 \? (\d+) : (\d+);", SRC).groups())
+SCHEDULES = ("cooperative", "pingpong", "cooperative256")  # csrc/gemm.h WgmmaConfig 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Cfg:
+    """One WgTraits<BITS, CONFIG> instantiation."""
+    bn: int
+    stages: int
+
+    @property
+    def panels(self) -> int:
+        return self.bn // 16
+
+    @property
+    def b_stage(self) -> int:
+        return BKU * self.panels * 512
+
+    @property
+    def staging(self) -> int:
+        return BKU * self.panels * 384
+
+    @property
+    def items(self) -> int:
+        return BKU * self.panels * 8
+
+
+def cfg(schedule: str, bits: int) -> Cfg:
+    wide = schedule == "cooperative256"
+    return Cfg(WIDE_BN if wide else NARROW_BN, WIDE6_STAGES if wide and bits == 6 else STAGES)
+
+
+# the 128-wide configurations (cooperative, ping-pong)
+BN = NARROW_BN
+PANELS, B_STAGE, STAGING, ITEMS = cfg("cooperative", 8).panels, cfg("cooperative", 8).b_stage, \
+    cfg("cooperative", 8).staging, cfg("cooperative", 8).items
 
 # descriptor parameters the kernel uses (parsed, so the emulation follows the source)
 _A_DESC = re.search(r"smem_desc\(sA \+ s \* kAStageBytes \+ half \* 64 \* kBK \+ ku \* 32, (\d+), (\d+), (\d)\)", SRC)
@@ -46,17 +83,21 @@ _B_DESC = re.search(r"smem_desc\(sB \+ s \* kBStageBytes \+ ku \* kPanels \* 4 \
 B_LBO, B_SBO, B_LAYOUT = 128, 256, int(_B_DESC.group(1))
 
 
+PINGPONG_BRANCH = 'static_assert(kBN == 128, "ping-pong'  # first line of the kernel's ping-pong consumer branch
+
+
 def _schedule_halves() -> dict[str, list[tuple[int, int]]]:
     """Per consumer schedule, the kernel's (accumulator half read through a_desc, its epilogue row offset
     in the tile) pairs, parsed from the wgmma calls and the epilogue calls of each branch."""
-    coop = SRC[SRC.index("if constexpr (!kPingPong) {"):SRC.index("setmaxnreg_inc<kConsumerRegs<BITS>>();")]
-    pp = SRC[SRC.index("setmaxnreg_inc<kConsumerRegs<BITS>>();"):SRC.index("#else")]
+    coop = SRC[SRC.index("if constexpr (!kPingPong) {"):SRC.index(PINGPONG_BRANCH)]
+    pp = SRC[SRC.index(PINGPONG_BRANCH):SRC.index("#else")]
     out = {}
     for name, part in (("cooperative", coop), ("pingpong", pp)):
-        reads = dict(re.findall(r"wgmma_s8_m64n128k32\((\w+), a_desc\(s, (\w+), ku\)", part))
+        reads = dict(re.findall(r"wgmma_s8_m64n(?:128k32|Nk32<kBN>)\((\w+), a_desc\(s, (\w+), ku\)", part))
         rows = dict(re.findall(r"epilogue\((\w+), ti\.m0(?: \+ ([\w *]+))?, ti\.n0\)", part))
         assert reads and set(reads) == set(rows), (name, reads, rows)
         out[name] = [(reads[acc], rows[acc] or "0") for acc in sorted(reads)]
+    out["cooperative256"] = out["cooperative"]  # the same branch, 64 x 256 accumulators
     return out
 
 
@@ -92,7 +133,7 @@ def read_operand(smem: np.ndarray, start: int, rows: int, lbo: int, sbo: int, la
     return smem[off].view(np.int8).astype(np.int64)
 
 
-def acc_coords(n: int = BN):
+def acc_coords(n: int = NARROW_BN):
     """(row, col) of accumulator register v of thread T (0..127) of m64nNk32, from CuTe's CLayout_64xN."""
     T = np.arange(128)[:, None]
     v = np.arange(n // 2)[None, :]
@@ -112,29 +153,31 @@ class Problem:
     bits: int
 
 
-def step_of(f, kt_total, m_tiles, bx, grid):
+def step_of(f, kt_total, m_tiles, bx, grid, bn=NARROW_BN):
     tile = bx + (f // kt_total) * grid
-    return (tile % m_tiles) * BM, (tile // m_tiles) * BN, f % kt_total
+    return (tile % m_tiles) * BM, (tile // m_tiles) * bn, f % kt_total
 
 
-def produce_b_8bit(P: Problem, n0: int, kt: int, stage: np.ndarray) -> None:
+def produce_b_8bit(P: Problem, n0: int, kt: int, stage: np.ndarray, c: Cfg = cfg("cooperative", 8)) -> None:
     geo = E.geometry(8, P.n, P.k)
     p0 = n0 // 16
-    panels = min(PANELS, geo.full_panels - p0)
+    panels = min(c.panels, geo.full_panels - p0)
     units = min(BKU, geo.full_units - kt * BKU)
     assert panels >= 1 and units >= 1
     for ku in range(units):
         src = E.unit_offset(8, geo, kt * BKU + ku, p0)
         nbytes = panels * 512
         assert src % 16 == 0 and nbytes % 16 == 0 and src + nbytes <= len(P.w)
-        dst = ku * PANELS * 512
+        dst = ku * c.panels * 512
         stage[dst: dst + nbytes] = P.w[src: src + nbytes]
 
 
-def produce_b_6bit(P: Problem, n0: int, kt: int, stage: np.ndarray, staging: np.ndarray) -> None:
+def produce_b_6bit(P: Problem, n0: int, kt: int, stage: np.ndarray, staging: np.ndarray,
+                   c: Cfg = cfg("cooperative", 6)) -> None:
     """The 128 producer threads: cp.async of the packed quads into a staging slot, then expand6 into B."""
     geo = E.geometry(6, P.n, P.k)
     p0 = n0 // 16
+    PANELS, ITEMS = c.panels, c.items
     for tid in range(128):
         for i in range(ITEMS // 128):
             item = tid + i * 128
@@ -167,7 +210,7 @@ def _halves(schedule: str):
         for half_expr, row_expr in SCHEDULE_HALVES[schedule]:
             half = eval(half_expr, {"c": c})  # "c" or a literal
             rows = eval(row_expr, {"c": c})
-            if schedule == "pingpong" or half == c:
+            if schedule == "pingpong" or half == c:  # cooperative(256): consumer c, half c
                 out.append((half, rows))
         if schedule == "pingpong":
             break
@@ -176,36 +219,38 @@ def _halves(schedule: str):
 
 def run_kernel(P: Problem, grid: int, schedule: str = "cooperative") -> np.ndarray:
     assert P.n % 16 == 0 and P.k % 32 == 0, "the wgmma path needs N % 16 == 0 and K % 32 == 0"
+    c = cfg(schedule, P.bits)
+    BN = c.bn
     m_tiles = E.cdiv(P.m, BM)
     num_tiles = m_tiles * E.cdiv(P.n, BN)
     kt_total = E.cdiv(P.k, BK)
     out = np.full((P.m, P.n), np.int32(-0x5A5A5A5B), dtype=np.int32)
-    rows, cols = acc_coords()
+    rows, cols = acc_coords(BN)
     for bx in range(min(grid, num_tiles)):
         my_tiles = (num_tiles - 1 - bx) // grid + 1 if bx < num_tiles else 0
-        sB = np.full(B_STAGE, 0xC3, dtype=np.uint8)  # stale bytes where nothing is copied
-        staging = np.zeros(STAGING, dtype=np.uint8)
+        sB = np.full(c.b_stage, 0xC3, dtype=np.uint8)  # stale bytes where nothing is copied
+        staging = np.zeros(c.staging, dtype=np.uint8)
         f = 0
         for _ in range(my_tiles):
-            m0, n0, _kt = step_of(f, kt_total, m_tiles, bx, grid)
+            m0, n0, _kt = step_of(f, kt_total, m_tiles, bx, grid, BN)
             acc = np.zeros((2, BM // 2, BN), dtype=np.int64)  # per 64-row half of the tile
             for kt in range(kt_total):
-                mm0, nn0, kk = step_of(f, kt_total, m_tiles, bx, grid)
+                mm0, nn0, kk = step_of(f, kt_total, m_tiles, bx, grid, BN)
                 assert (mm0, nn0, kk) == (m0, n0, kt)
                 sA = tma_tile_sw128(P.a, P.m, P.k, m0, kt * BK)
                 if P.bits == 8:
-                    produce_b_8bit(P, n0, kt, sB)
+                    produce_b_8bit(P, n0, kt, sB, c)
                 else:
-                    produce_b_6bit(P, n0, kt, sB, staging)
+                    produce_b_6bit(P, n0, kt, sB, staging, c)
                 for half, _rows in _halves(schedule):
                     for ku in range(BKU):
                         A = read_operand(sA, half * 64 * BK + ku * 32, 64, A_LBO, A_SBO, A_LAYOUT)
-                        B = read_operand(sB, ku * PANELS * 512, BN, B_LBO, B_SBO, B_LAYOUT)
+                        B = read_operand(sB, ku * c.panels * 512, BN, B_LBO, B_SBO, B_LAYOUT)
                         acc[half] += A @ B.T
                 f += 1
             for half, row_off in _halves(schedule):
                 # registers of thread T of the warpgroup holding this half, then the kernel's epilogue indices
-                d = acc[half][rows, cols]  # [128, 64]
+                d = acc[half][rows, cols]  # [128, BN / 2]
                 for T in range(128):
                     w, lane = T // 32, T % 32
                     g, t = lane >> 2, lane & 3
