@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = [("sm_80", "-gencode=arch=compute_80,code=sm_80"), ("sm_90a", "-gencode=arch=compute_90a,code=sm_90a")]
-WGMMA_NAMES = ["cooperative", "ping-pong", "cooperative 128x256"]  # csrc/gemm.h WgmmaConfig
+WGMMA_NAMES = ["cooperative", "ping-pong", "cooperative 128x256", "decode 64x128"]  # csrc/gemm.h WgmmaConfig
 SASS_OPS = ["IMMA", "IGMMA", "LDSM", "LDGSTS", "UTMALDG", "UBLKCP", "LDL", "STL"]
 
 DRIVER = r"""

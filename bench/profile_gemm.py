@@ -25,6 +25,7 @@ CALLS = [
     ("W6A6 wgmma cooperative", "wgmma", 6, 2048, 4096, 4096),
     ("W8A8 mma", "mma", 8, 2048, 4096, 4096),
     ("W8A8 decode M=64", "decode", 8, 64, 4096, 4096),
+    ("W8A8 wgmma_decode M=64", "wgmma_decode", 8, 64, 4096, 4096),
     ("W6A6 decode M=1", "decode", 6, 1, 4096, 4096),
 ]
 

@@ -40,6 +40,9 @@ CASES = [
     ("wgmma256", 8, 200, 272, 544, 1),   # a partial 256-wide tile
     ("wgmma256", 6, 130, 400, 288, 1),
     ("wgmma256", 8, 1100, 4128, 64, 1),  # 153 tiles > SMs
+    ("wgmma_decode", 8, 1, 272, 544, 3),  # split-K with a padding step
+    ("wgmma_decode", 6, 17, 144, 288, 2),
+    ("wgmma_decode", 8, 64, 4096, 1024, 8),  # 256 items: two CTAs per SM, counters shared by the splits
     # the other decode tile configurations (hdrq._cuda.DECODE_CONFIGS), run by name
     ("Decode16K256", 8, 3, 72, 600, 2),
     ("Decode16Deep", 6, 16, 40, 1100, 1),
@@ -73,7 +76,7 @@ def main() -> int:
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         acc = torch.empty((m, n), dtype=torch.int32, device="cuda")
         out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
-        if path in hc.DECODE_CONFIGS:
+        if path in hc.DECODE_CONFIGS or (path in hc.SPLIT_K_WGMMA and splits > 1):
             run = dict(plan_override=hc.plan_for_config(m, n, k, bits, path, splits))
         else:
             run = dict(path=path)

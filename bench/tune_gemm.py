@@ -70,6 +70,9 @@ def main():
     import hdrq._cuda as hc
 
     ms = [1, 32, 64] if args.quick else MS  # one M per decode bucket
+    # Hopper: the wgmma decode configuration too (its own column; the fit of decode_configs stays on mma.sync)
+    wgmma_decode = torch.cuda.get_device_capability() == (9, 0) and hc.wgmma_canary("wgmma_decode")[0]
+    print(f"wgmma_decode timed: {wgmma_decode}", flush=True)
     shapes = SHAPES[:2] if args.quick else SHAPES
     bw = copy_bandwidth_gbs()
     grid, summary = [], []
@@ -91,8 +94,8 @@ def main():
 
                 auto = hc.plan(m, n, k, bits, torch.device("cuda"), "auto")
                 auto_us = graph_time_us(make(None), copies, reps)
-                best = None
-                for name in bucket_configs(hc, m):
+                best = best_wg = None
+                for name in bucket_configs(hc, m) + (["wgmma_decode"] if wgmma_decode else []):
                     for s in SPLITS:
                         try:
                             pl = hc.plan_for_config(m, n, k, bits, name, s)
@@ -107,24 +110,31 @@ def main():
                         grid.append([f"{n}x{k}", m, bits, name, s, round(us, 1), round(wbytes / us / 1e3),
                                      round(base / us, 2)])
                         times[(f"{n}x{k}", m, bits, name, s)] = us
-                        if best is None or us < best[0]:
+                        if name == "wgmma_decode":
+                            if best_wg is None or us < best_wg[0]:
+                                best_wg = (us, name, s)
+                        elif best is None or us < best[0]:
                             best = (us, name, s)
                 bests[(f"{n}x{k}", m, bits)] = best
-                auto_name = next(nm for nm, (i, _) in hc.DECODE_CONFIGS.items() if i == auto.config)
+                auto_name = auto.path if auto.path != "decode" else next(
+                    nm for nm, (i, _) in hc.DECODE_CONFIGS.items() if i == auto.config)
+                wg = [f"s{best_wg[2]}", round(best_wg[0], 1), round(base / best_wg[0], 2)] if best_wg else ["", "", ""]
                 summary.append([f"{n}x{k}", m, bits, round(base, 1), f"{auto_name} s{auto.splits}", round(auto_us, 1),
                                 round(base / auto_us, 2), f"{best[1]} s{best[2]}", round(best[0], 1),
-                                round(wbytes / best[0] / 1e3), round(base / best[0], 2)])
+                                round(wbytes / best[0] / 1e3), round(base / best[0], 2), *wg])
                 print(f"{n}x{k} M={m} w{bits}: bf16 {base:.1f} us, auto {auto_name} s{auto.splits} {auto_us:.1f} us, "
                       f"best {best[1]} s{best[2]} {best[0]:.1f} us", flush=True)
             del c
             torch.cuda.empty_cache()
-    chosen, costs = fit(hc, times, bests)
+    chosen, costs = fit(hc, {key: t for key, t in times.items() if key[3] != "wgmma_decode"}, bests)
     notes = (f"Copy bandwidth in this run: {bw:.0f} GB/s. CUDA graphs of 20 calls, weights rotated over >= 150 MB. "
              "'x bf16' = cuBLAS bf16 F.linear time / this time. GB/s counts weight bytes.")
     write(args.out, [
         section("Decode tuning: best configuration and K splits per case, against auto",
                 ["N x K", "M", "bits", "bf16 us", "auto plan", "auto us", "auto x bf16", "best plan", "best us",
-                 "best weight GB/s", "best x bf16"], summary, notes),
+                 "best weight GB/s", "best x bf16", "wgmma_decode best", "its us", "its x bf16"], summary,
+                notes + " 'best plan' is over the mma.sync decode configurations; 'wgmma_decode best' is the Hopper "
+                "wgmma decode configuration's best split count (empty: not an sm_90 GPU)."),
         section("Decode tuning: every configuration x K splits",
                 ["N x K", "M", "bits", "config", "splits", "us", "weight GB/s", "x bf16"], grid, notes),
         section("Decode tuning: the dispatcher's choice per M bucket (configuration, split-K blocks per SM)",

@@ -144,8 +144,10 @@ void int_gemm(const at::Tensor& out, const at::Tensor& a_q, const at::Tensor& a_
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (path == kPathWgmma)
-    TORCH_CHECK(hdrq::wgmma_supports(args), "hdrq_C::int_gemm: the wgmma path needs N % 16 == 0, K % 32 == 0, ",
-                "16-byte aligned A rows and splits == 1, got N=", n, ", K=", k, ", lda=", args.lda, ", splits=", splits);
+    TORCH_CHECK(hdrq::wgmma_supports(args, static_cast<int>(config)),
+                "hdrq_C::int_gemm: the wgmma path needs N % 16 == 0, K % 32 == 0, 16-byte aligned A rows and ",
+                "splits == 1 except in the decode configuration (3); got N=", n, ", K=", k, ", lda=", args.lda, ", config=", config,
+                ", splits=", splits);
   const cudaError_t err = path == kPathWgmma ? hdrq::launch_gemm_wgmma(args, static_cast<int>(config), stream)
                                              : hdrq::launch_gemm_mma(args, static_cast<int>(config), stream);
   TORCH_CHECK(err == cudaSuccess, "hdrq_C::int_gemm: launch failed (M=", m, ", N=", n, ", K=", k,

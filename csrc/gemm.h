@@ -72,16 +72,18 @@ TileShape mma_tile_shape(int config, int w_bits);
 cudaError_t launch_gemm_mma(const GemmArgs& args, int config, cudaStream_t stream);
 
 // ---- wgmma kernel (sm_90a only; csrc/gemm_wgmma.cu) ----------------------------------------------
-// Persistent, 128 x 128 or 128 x 256 tiles; needs N % 16 == 0, K % 32 == 0, A rows 16-byte aligned, splits == 1.
+// Persistent over work items (output tile, K split); needs N % 16 == 0, K % 32 == 0, A rows 16-byte aligned;
+// split-K (splits > 1, the GemmArgs workspace) in the decode configuration.
 // Configurations (consumer schedule and tile), by index:
 enum WgmmaConfig : int {
   kWgmmaCooperative = 0,  // both consumer warpgroups on every tile (64 rows each); epilogue not overlapped
   kWgmmaPingPong = 1,     // consumers on alternate tiles (128 rows each); one's epilogue under the other's MMAs
   kWgmmaCooperative256 = 2,  // cooperative with 128 x 256 tiles: a third less L2 and shared-memory traffic per op
-  kWgmmaNumConfigs = 3,
+  kWgmmaDecode64 = 3,        // M <= 64: 64 x 128 tiles, one consumer, split-K, two CTAs per SM
+  kWgmmaNumConfigs = 4,
 };
 TileShape wgmma_tile_shape(int config, int w_bits);
-bool wgmma_supports(const GemmArgs& args);
+bool wgmma_supports(const GemmArgs& args, int config);
 cudaError_t launch_gemm_wgmma(const GemmArgs& args, int config, cudaStream_t stream);
 
 // ---- 6-bit -> 8-bit weight expansion (csrc/gemm_expand.cu) -------------------------------------

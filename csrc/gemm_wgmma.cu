@@ -42,28 +42,37 @@ namespace hdrq {
 // draw "declared but never referenced" warnings in the sm_80 pass.
 namespace wgmma_detail {
 
-constexpr int kBM = 128, kBK = 128, kThreads = 384;
+constexpr int kBK = 128;
 constexpr int kBKU = kBK / layout::kUnitK;                // 4 k-units per stage
-constexpr int kAStageBytes = kBM * kBK;                   // 16 KB
 constexpr int kLookahead = 2;                             // 6-bit: staging copies run this many stages ahead
 constexpr int kSlots = kLookahead + 1;
 
 // What depends on the configuration: the tile width and, through the shared-memory budget, the stages.
 template <int BITS, int CONFIG>
 struct WgTraits {
+  static constexpr bool kDecode = CONFIG == kWgmmaDecode64;  // 64-row tiles, one consumer, split-K, 2 CTAs/SM
+  static constexpr int kBM = kDecode ? 64 : 128;
+  static constexpr int kConsumers = kDecode ? 1 : 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kMinBlocks = kDecode ? 2 : 1;
+  static constexpr int kAStageBytes = kBM * kBK;  // 8 or 16 KB
   static constexpr int kBN = CONFIG == kWgmmaCooperative256 ? 256 : 128;
-  static constexpr int kStages = CONFIG == kWgmmaCooperative256 && BITS == 6 ? 3 : 4;
+  static constexpr int kStages = (CONFIG == kWgmmaCooperative256 || kDecode) && BITS == 6 ? 3 : 4;
   static constexpr int kPanels = kBN / layout::kPanelRows;                          // 8 or 16 per tile
   static constexpr int kBStageBytes = kBKU * kPanels * 4 * layout::kPlaneBytes;    // 16 or 32 KB (int8)
   static constexpr int kStagingBytes = kBKU * kPanels * 3 * layout::kPlaneBytes;   // packed 6-bit units
   static constexpr int kItems = kBKU * kPanels * 8;  // 16-byte quads per plane per stage (6-bit)
   static constexpr int kAcc = kBN / 2;               // accumulator registers of one m64nBNk32
+  // Split-K: the decode configuration only (the 128-accumulator configurations would spill the reduction's
+  // registers, and the cooperative kernel keeps the register allocation it was measured with).
+  static constexpr bool kSplitK = kDecode;
   // Configurations whose consumers hold 128 accumulators reallocate registers (setmaxnreg).
-  static constexpr bool kRealloc = CONFIG != kWgmmaCooperative;
+  static constexpr bool kRealloc = CONFIG == kWgmmaPingPong || CONFIG == kWgmmaCooperative256;
   static constexpr int kSmemBytes = 1024 /* alignment slack: 128B-swizzled TMA tiles need 1024-byte aligned stages */ +
                                     kStages * (kAStageBytes + kBStageBytes) + (BITS == 6 ? kSlots * kStagingBytes : 0);
   static_assert(kItems % 128 == 0, "every producer thread expands the same number of quads");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+  static_assert(kMinBlocks == 1 || kMinBlocks * (kSmemBytes + 1024) <= 228 * 1024, "blocks per SM");
 };
 
 // setmaxnreg split of the ping-pong schedule: 128 * producer + 256 * consumer <= 384 * 168 (the launch's
@@ -233,13 +242,21 @@ __device__ __forceinline__ void wgmma_s8_m64nNk32(int32_t (&d)[N / 2], uint64_t 
 
 struct TileIndex {
   int m0, n0, kt;
+  int tile, split;  // output tile index, K split of the work item
 };
 
-// The (tile, k-tile) of this CTA's f-th pipeline step.
-template <int kBN>
-__device__ inline TileIndex step_of(int f, int kt_total, int m_tiles) {
-  const int tile = blockIdx.x + (f / kt_total) * gridDim.x;
-  return TileIndex{(tile % m_tiles) * kBM, (tile / m_tiles) * kBN, f % kt_total};
+// Work items are (output tile, K split); every item has kt_per_item pipeline steps, so that steps map to items
+// by a division. The last split's steps past K are padding: the producer loads nothing and arrives, the
+// consumers issue no wgmma for them (but keep the barrier phases in step). The f-th step of this CTA:
+template <int kBM, int kBN>
+__device__ inline TileIndex step_of(int f, int kt_per_item, int m_tiles, int num_tiles) {
+  const int item = blockIdx.x + (f / kt_per_item) * gridDim.x;
+  const int tile = item % num_tiles, split = item / num_tiles;
+  return TileIndex{(tile % m_tiles) * kBM, (tile / m_tiles) * kBN, split * kt_per_item + f % kt_per_item, tile, split};
+}
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 }  // namespace wgmma_detail
@@ -248,11 +265,14 @@ namespace {
 using namespace wgmma_detail;
 
 template <int BITS, int CONFIG>
-__global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tmap_a) {
+__global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BITS, CONFIG>::kMinBlocks)
+    gemm_wgmma_kernel(const GemmArgs p, const __grid_constant__ CUtensorMap tmap_a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = WgTraits<BITS, CONFIG>;
-  constexpr int kBN = T::kBN, kStages = T::kStages, kPanels = T::kPanels, kBStageBytes = T::kBStageBytes;
+  constexpr int kBM = T::kBM, kBN = T::kBN, kStages = T::kStages, kPanels = T::kPanels;
+  constexpr int kAStageBytes = T::kAStageBytes, kBStageBytes = T::kBStageBytes;
   constexpr int kStagingBytes = T::kStagingBytes, kItems = T::kItems;
+  __shared__ int s_is_last;  // split-K: this CTA's split of the item arrived last
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[kStages];   // producer -> consumers: stage loaded
   __shared__ __align__(8) uint64_t empty_bar[kStages];  // consumers -> producer: stage read
@@ -271,8 +291,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
   const int m_tiles = ceil_div(p.m, kBM);
   const int num_tiles = m_tiles * ceil_div(p.n, kBN);
   const int kt_total = ceil_div(p.k, kBK);
-  const int my_tiles = int(blockIdx.x) < num_tiles ? (num_tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1 : 0;
-  const int steps = my_tiles * kt_total;
+  const int kt_per_item = ceil_div(kt_total, p.splits);
+  const int num_items = num_tiles * p.splits;
+  const int my_items = int(blockIdx.x) < num_items ? (num_items - 1 - int(blockIdx.x)) / int(gridDim.x) + 1 : 0;
+  const int steps = my_items * kt_per_item;
   const int full_panels = p.n / layout::kPanelRows;
   const int full_units = p.k / layout::kUnitK;
   const layout::Geometry geo = layout::geometry(BITS, p.n, p.k);
@@ -281,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full_bar[s], BITS == 8 ? 1 : 128);
-      mbar_init(&empty_bar[s], kPingPong ? 4 : 8);  // lane 0 of each warp of the consumer(s) reading it
+      mbar_init(&empty_bar[s], kPingPong ? 4 : 4 * T::kConsumers);  // lane 0 of each warp of its reader(s)
     }
     mbar_init(&order_bar[0], 4);
     mbar_init(&order_bar[1], 4);
@@ -297,7 +319,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
       for (int f = 0; f < steps; ++f) {
         const int s = f % kStages;
         mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
-        const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
+        const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
+        if (ti.kt >= kt_total) {  // padding step: nothing to load
+          mbar_arrive(&full_bar[s]);
+          continue;
+        }
         const int p0 = ti.n0 / layout::kPanelRows;
         const int panels = min(kPanels, full_panels - p0);
         const int units = min(kBKU, full_units - ti.kt * kBKU);
@@ -311,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
     } else {
       // Thread t copies (and later expands) items t and t + 128: item = (unit, 16-byte quad of lanes).
       auto issue = [&](int f) {
-        const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
+        const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
         const int p0 = ti.n0 / layout::kPanelRows;
         uint8_t* slot = staging + (f % kSlots) * kStagingBytes;
 #pragma unroll
@@ -337,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
         cp_async_wait<kLookahead>();  // this thread's copies of step f have landed
         const int s = f % kStages;
         mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
-        const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
+        const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
         const int p0 = ti.n0 / layout::kPanelRows;
         const uint8_t* slot = staging + (f % kSlots) * kStagingBytes;
 #pragma unroll
@@ -362,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
         }
         // The expanded planes were written by the generic proxy; wgmma reads through the async proxy.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        if (tid == 0) {
+        if (tid == 0 && ti.kt < kt_total) {  // (a padding step past K loads nothing)
           mbar_arrive_expect_tx(&full_bar[s], kAStageBytes);
           tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
         } else {
@@ -376,6 +402,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
 
   // ================================ consumers ================================
   const int c = wg - 1;                // cooperative: rows 64c .. 64c+63 of each tile; ping-pong: tiles c, c+2, ...
+  const int ctid = tid - 128;          // thread index among the consumers
   const int w = (tid % 128) / 32;      // warp within the warpgroup: rows 16w .. 16w+15 of a 64-row half
   const int g = lane >> 2, t = lane & 3;
   const int out_bytes = (p.out_kind == kOutBF16 || p.out_kind == kOutFP16) ? 2 : 4;
@@ -402,22 +429,63 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
                      2 * layout::kPlaneBytes, 0);
   };
 
+  // Split-K (p.splits > 1): every split stores its int32 partial tile; the last to arrive (counted in
+  // p.counters, one per tile, left at zero) adds the others' partials in split order and runs the epilogue.
+  // Returns whether this CTA runs the epilogue of the item (acc then holds the whole sum).
+  auto reduce_splits = [&](auto& acc, const TileIndex& ti) -> bool {
+    const int64_t tile_elems = int64_t(kBM) * kBN;
+    int32_t* mine = p.partials + (int64_t(ti.tile) * p.splits + ti.split) * tile_elems;
+    const int row0 = 64 * c + 16 * w + g;  // tile-local rows row0 and row0 + 8
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        if (ti.m0 + row0 + 8 * hr < p.m)
+          *reinterpret_cast<int2*>(mine + (row0 + 8 * hr) * kBN + 8 * j + 2 * t) =
+              make_int2(acc[4 * j + 2 * hr], acc[4 * j + 2 * hr + 1]);
+    __threadfence();  // publish the partial tile before counting this split in
+    named_barrier_sync(1, 128 * T::kConsumers);
+    if (ctid == 0) {
+      s_is_last = atomicAdd(p.counters + ti.tile, 1) == p.splits - 1;
+      __threadfence();
+    }
+    named_barrier_sync(1, 128 * T::kConsumers);
+    if (!s_is_last) return false;
+    for (int z = 0; z < p.splits; ++z) {
+      if (z == ti.split) continue;
+      const int32_t* other = p.partials + (int64_t(ti.tile) * p.splits + z) * tile_elems;
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+          if (ti.m0 + row0 + 8 * hr < p.m) {  // .cg: from L2, never a stale L1 line
+            const int2 v = __ldcg(reinterpret_cast<const int2*>(other + (row0 + 8 * hr) * kBN + 8 * j + 2 * t));
+            acc[4 * j + 2 * hr] += v.x;
+            acc[4 * j + 2 * hr + 1] += v.y;
+          }
+    }
+    if (ctid == 0) p.counters[ti.tile] = 0;
+    return true;
+  };
+
   if constexpr (!kPingPong) {
     if constexpr (T::kRealloc) setmaxnreg_inc<kConsumerRegs<BITS>>();
     int32_t acc[T::kAcc];
     int f = 0;
-    for (int i = 0; i < my_tiles; ++i) {
-      const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
+    for (int i = 0; i < my_items; ++i) {
+      const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
 #pragma unroll
       for (int r = 0; r < T::kAcc; ++r) acc[r] = 0;
       int prev = -1;
-      for (int kt = 0; kt < kt_total; ++kt, ++f) {
+      for (int kt = 0; kt < kt_per_item; ++kt, ++f) {
         const int s = f % kStages;
         mbar_wait(&full_bar[s], (f / kStages) & 1);
-        fence_operands(acc);
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        if (ti.kt + kt < kt_total) {  // (a padding step: an empty wgmma group)
+          fence_operands(acc);
+          asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int ku = 0; ku < kBKU; ++ku) wgmma_s8_m64nNk32<kBN>(acc, a_desc(s, c, ku), b_desc(s, ku));
+          for (int ku = 0; ku < kBKU; ++ku) wgmma_s8_m64nNk32<kBN>(acc, a_desc(s, c, ku), b_desc(s, ku));
+        }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // the previous stage's group is done
         fence_operands(acc);
@@ -427,22 +495,25 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_wgmma_kernel(const GemmArgs 
       asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
       fence_operands(acc);
       if (lane == 0) mbar_arrive(&empty_bar[prev]);
+      if constexpr (T::kSplitK) {
+        if (p.splits > 1 && !reduce_splits(acc, ti)) continue;
+      }
       epilogue(acc, ti.m0 + 64 * c, ti.n0);
     }
   } else {
     static_assert(kBN == 128, "ping-pong: two 64 x 128 accumulators per consumer");
     setmaxnreg_inc<kConsumerRegs<BITS>>();
     int32_t acc0[64], acc1[64];  // rows 0-63 and 64-127 of the tile
-    for (int i = c, mine = 0; i < my_tiles; i += 2, ++mine) {
-      int f = i * kt_total;
-      const TileIndex ti = step_of<kBN>(f, kt_total, m_tiles);
+    for (int i = c, mine = 0; i < my_items; i += 2, ++mine) {  // p.splits == 1 here (host check)
+      int f = i * kt_per_item;
+      const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
 #pragma unroll
       for (int r = 0; r < 64; ++r) acc0[r] = acc1[r] = 0;
       // order_bar[c] completes once per mainloop of the other consumer: consumer 1's tile number `mine` needs
       // completion `mine` (consumer 0's tile 2*mine), consumer 0's needs completion mine - 1 (tile 2*mine - 1).
       if (i > 0) mbar_wait(&order_bar[c], (c == 1 ? mine : mine - 1) & 1);
       int prev = -1;
-      for (int kt = 0; kt < kt_total; ++kt, ++f) {
+      for (int kt = 0; kt < kt_per_item; ++kt, ++f) {
         const int s = f % kStages;
         mbar_wait(&full_bar[s], (f / kStages) & 1);
         fence_operands(acc0);
@@ -500,7 +571,8 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   CUtensorMap tmap;
   const cuuint64_t dims[2] = {cuuint64_t(args.k), cuuint64_t(args.m)};
   const cuuint64_t strides[1] = {cuuint64_t(args.lda)};
-  const cuuint32_t box[2] = {kBK, kBM};
+  using T = WgTraits<BITS, CONFIG>;
+  const cuuint32_t box[2] = {kBK, T::kBM};
   const cuuint32_t elem_strides[2] = {1, 1};
   const CUresult r = encode(&tmap, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(args.a), dims, strides, box,
                             elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -511,11 +583,11 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   auto kernel = gemm_wgmma_kernel<BITS, CONFIG>;
-  using T = WgTraits<BITS, CONFIG>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int tiles = ceil_div(args.m, kBM) * ceil_div(args.n, T::kBN);
-  kernel<<<tiles < sms ? tiles : sms, kThreads, T::kSmemBytes, stream>>>(args, tmap);
+  const int items = ceil_div(args.m, T::kBM) * ceil_div(args.n, T::kBN) * args.splits;
+  const int slots = T::kMinBlocks * sms;
+  kernel<<<items < slots ? items : slots, T::kThreads, T::kSmemBytes, stream>>>(args, tmap);
   return cudaGetLastError();
 }
 
@@ -525,7 +597,7 @@ TileShape wgmma_tile_shape(int config, int w_bits) {
   if ((w_bits != 6 && w_bits != 8) || config < 0 || config >= kWgmmaNumConfigs) return TileShape{0, 0, 0, 0, 0};
   auto shape = [](auto traits) {
     using T = decltype(traits);
-    return TileShape{kBM, T::kBN, kBK, kThreads, T::kSmemBytes};
+    return TileShape{T::kBM, T::kBN, kBK, T::kThreads, T::kSmemBytes};
   };
   switch (config * 2 + (w_bits == 8)) {
     case 0: return shape(WgTraits<6, kWgmmaCooperative>{});
@@ -533,17 +605,22 @@ TileShape wgmma_tile_shape(int config, int w_bits) {
     case 2: return shape(WgTraits<6, kWgmmaPingPong>{});
     case 3: return shape(WgTraits<8, kWgmmaPingPong>{});
     case 4: return shape(WgTraits<6, kWgmmaCooperative256>{});
-    default: return shape(WgTraits<8, kWgmmaCooperative256>{});
+    case 5: return shape(WgTraits<8, kWgmmaCooperative256>{});
+    case 6: return shape(WgTraits<6, kWgmmaDecode64>{});
+    default: return shape(WgTraits<8, kWgmmaDecode64>{});
   }
 }
 
-bool wgmma_supports(const GemmArgs& a) {
+bool wgmma_supports(const GemmArgs& a, int config) {
+  const bool split_ok =
+      a.splits == 1 || (config == kWgmmaDecode64 && a.splits > 1 && a.partials != nullptr && a.counters != nullptr);
   return (a.w_bits == 6 || a.w_bits == 8) && a.n % layout::kPanelRows == 0 && a.k % layout::kUnitK == 0 &&
-         a.lda % 16 == 0 && reinterpret_cast<uintptr_t>(a.a) % 16 == 0 && a.splits == 1;
+         a.lda % 16 == 0 && reinterpret_cast<uintptr_t>(a.a) % 16 == 0 && split_ok && config >= 0 &&
+         config < kWgmmaNumConfigs;
 }
 
 cudaError_t launch_gemm_wgmma(const GemmArgs& args, int config, cudaStream_t stream) {
-  if (!wgmma_supports(args) || config < 0 || config >= kWgmmaNumConfigs) return cudaErrorInvalidValue;
+  if (!wgmma_supports(args, config)) return cudaErrorInvalidValue;
   // The sm_80 build of this kernel is empty: refuse anything but compute capability 9.0.
   int device = 0, major = 0, minor = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -556,6 +633,8 @@ cudaError_t launch_gemm_wgmma(const GemmArgs& args, int config, cudaStream_t str
   if (config == kWgmmaCooperative256)
     return args.w_bits == 8 ? launch<8, kWgmmaCooperative256>(args, stream)
                             : launch<6, kWgmmaCooperative256>(args, stream);
+  if (config == kWgmmaDecode64)
+    return args.w_bits == 8 ? launch<8, kWgmmaDecode64>(args, stream) : launch<6, kWgmmaDecode64>(args, stream);
   return args.w_bits == 8 ? launch<8, kWgmmaCooperative>(args, stream) : launch<6, kWgmmaCooperative>(args, stream);
 }
 

@@ -15,7 +15,9 @@ Kernel paths (``csrc/gemm_mma.cu``):
   16-byte aligned A rows (else ``mma`` runs);
 * ``wgmma_pp``: the same kernel with the ping-pong consumer schedule (alternate tiles per consumer, one's
   epilogue under the other's mainloop);
-* ``wgmma256``: cooperative with 128x256 tiles (a third less L2 and shared-memory traffic per operation).
+* ``wgmma256``: cooperative with 128x256 tiles (a third less L2 and shared-memory traffic per operation);
+* ``wgmma_decode``: 64x128 tiles, one consumer warpgroup, two CTAs per SM and split-K: the weight stream of
+  M <= 64 on Hopper through ``wgmma`` instead of ``mma.sync``.
 
 6-bit weights on a wgmma path either expand inside the kernel's producer or, with *expansion* (``Plan.expand``,
 ``GemmDispatch.w6_expand_min_m``, env ``HDRQ_W6_EXPAND=1|0`` to force it on or off), are first expanded to the
@@ -23,7 +25,7 @@ Kernel paths (``csrc/gemm_mma.cu``):
 buffer of N*K bytes, and the 8-bit kernel runs.
 
 The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma`` | ``wgmma_pp`` |
-``wgmma256``, read on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
+``wgmma256`` | ``wgmma_decode``, read on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
 one place).
 A forced path that cannot take the inputs raises ``hdrq.ops.Unsupported`` (the reference runs, with a
 warning), never a wrong answer. Before ``auto`` first sends a call to ``wgmma`` on a device, it checks that
@@ -45,9 +47,9 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library: registers the hdrq_C ops)
 from . import ops
 
-PATHS = ("auto", "decode", "mma", "wgmma", "wgmma_pp", "wgmma256")
-_CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1, "wgmma_pp": 1, "wgmma256": 1}  # decode, mma: the mma.sync kernel
-WGMMA_PATHS = {"wgmma": 0, "wgmma_pp": 1, "wgmma256": 2}  # path -> csrc/gemm.h WgmmaConfig
+PATHS = ("auto", "decode", "mma", "wgmma", "wgmma_pp", "wgmma256", "wgmma_decode")
+_CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1, "wgmma_pp": 1, "wgmma256": 1, "wgmma_decode": 1}  # 0: mma.sync
+WGMMA_PATHS = {"wgmma": 0, "wgmma_pp": 1, "wgmma256": 2, "wgmma_decode": 3}  # path -> csrc/gemm.h WgmmaConfig
 # Config indices of hdrq_C path 0 (csrc/gemm.h, MmaConfig)
 _TILE64, _TILE128 = 3, 4
 # Decode configurations (csrc/gemm.h, MmaConfig): name -> (index, largest M it takes). Several per M
@@ -66,6 +68,15 @@ class GemmDispatch:
 
     decode_max_m: int = 64
     """M <= this: the decode path (weights streamed once; M padded to 16, 32 or 64 rows)."""
+    wgmma_decode_max_m: Optional[int] = None
+    """Hopper: M <= this (and <= decode_max_m) takes ``wgmma_decode`` instead of the mma.sync decode kernels;
+    None: never under ``auto``. Off until measured (written 2026-11-27 without a GPU)."""
+    wgmma_decode_blocks_per_sm: float = 2.0
+    """Split-K target of ``wgmma_decode``: work items per SM (two CTAs fit on an SM)."""
+    wgmma_decode_partial_fraction: float = 1.0
+    """``wgmma_decode``'s cap on split-K partial traffic as a fraction of the weight bytes (its 64x128 tiles
+    are few: 32 on N = 4096, so it needs more splits than max_partial_fraction allows; the partials of one
+    call are a few MB and stay in L2)."""
     decode_configs: tuple = ((16, "Decode16", 1.0), (32, "Decode32", 1.5), (64, "Decode64", 1.5))
     """Per decode M bucket, smallest first: (largest M, configuration name in DECODE_CONFIGS, blocks per SM
     that split-K aims at: enough weight bytes in flight to saturate HBM). Fitted by bench/tune_gemm.py on an
@@ -152,11 +163,12 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _splits(m: int, n: int, k: int, w_bits: int, bm: int, bn: int, bk: int, sms: int,
-            blocks_per_sm: float, d: GemmDispatch) -> int:
+            blocks_per_sm: float, d: GemmDispatch, partial_fraction: Optional[float] = None) -> int:
     tiles = _cdiv(m, bm) * _cdiv(n, bn)
     want = _cdiv(int(blocks_per_sm * sms), tiles)
     weight_bytes = n * k * w_bits / 8
-    by_traffic = int(d.max_partial_fraction * weight_bytes / (8 * m * n))
+    fraction = d.max_partial_fraction if partial_fraction is None else partial_fraction
+    by_traffic = int(fraction * weight_bytes / (8 * m * n))
     by_k = _cdiv(k, bk) // d.min_k_tiles_per_split
     splits = max(1, min(want, by_traffic, by_k, d.max_splits))
     while splits > 1 and tiles * splits * bm * bn > d.partials_per_stream:
@@ -182,6 +194,9 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
     if path == "auto":
         if m <= d.decode_max_m:
             path = "decode"
+            if (d.wgmma_decode_max_m is not None and m <= d.wgmma_decode_max_m and wgmma_ok
+                    and _wgmma_verified(device, "wgmma_decode")):
+                path = "wgmma_decode"
         elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m and (w_bits in d.wgmma_bits or expand)
               and _cdiv(m, 128) * _cdiv(n, tile_info(1, WGMMA_PATHS[d.wgmma_path], w_bits)[1])
               >= d.wgmma_min_waves * sms
@@ -194,8 +209,13 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
             raise ops.Unsupported(f"the wgmma path needs an sm_90 GPU, N % 16 == 0, K % 32 == 0 and 16-byte aligned "
                                   f"A rows; got compute capability {cc // 10}.{cc % 10}, N={n}, K={k}")
         config = WGMMA_PATHS[path]
-        bm, bn, bk = tile_info(1, config, 8 if expand else w_bits)[:3]
-        return Plan(path, config, 1, bm, bn, bk, expand)
+        bits = 8 if expand else w_bits
+        bm, bn, bk = tile_info(1, config, bits)[:3]
+        splits = 1
+        if path == "wgmma_decode":
+            splits = _splits(m, n, k, bits, bm, bn, bk, sms, d.wgmma_decode_blocks_per_sm, d,
+                             d.wgmma_decode_partial_fraction)
+        return Plan(path, config, splits, bm, bn, bk, expand)
     if path == "decode":
         _, name, blocks_per_sm = next((b for b in d.decode_configs if m <= b[0]), d.decode_configs[-1])
         config = DECODE_CONFIGS[name][0]
@@ -221,14 +241,21 @@ def _w6_expand(m: int, d: GemmDispatch) -> bool:
     return d.w6_expand_min_m is not None and m >= d.w6_expand_min_m
 
 
+SPLIT_K_WGMMA = ("wgmma_decode",)  # the wgmma configurations with split-K (csrc/gemm_wgmma.cu)
+
+
 def plan_for_config(m: int, n: int, k: int, w_bits: int, config: str, splits: int) -> Plan:
-    """The plan of decode configuration ``config`` (a name in :data:`DECODE_CONFIGS`) with ``splits`` K splits,
-    for ``int_gemm_out(..., plan_override=...)``; ValueError if K has fewer stage tiles than splits."""
-    index = DECODE_CONFIGS[config][0]
-    bm, bn, bk = tile_info(0, index, w_bits)[:3]
+    """The plan of decode configuration ``config`` (a name in :data:`DECODE_CONFIGS`, or a wgmma path of
+    :data:`SPLIT_K_WGMMA`) with ``splits`` K splits, for ``int_gemm_out(..., plan_override=...)``; ValueError if
+    K has fewer stage tiles than splits."""
+    if config in SPLIT_K_WGMMA:
+        path, cxx, index = config, 1, WGMMA_PATHS[config]
+    else:
+        path, cxx, index = "decode", 0, DECODE_CONFIGS[config][0]
+    bm, bn, bk = tile_info(cxx, index, w_bits)[:3]
     if not 1 <= splits <= _cdiv(k, bk):
         raise ValueError(f"{config}: {splits} splits of K = {k} in steps of {bk}")
-    return Plan("decode", index, splits, bm, bn, bk)
+    return Plan(path, index, splits, bm, bn, bk)
 
 
 # ---------------------------------------------------------------------------------------- wgmma check
@@ -431,7 +458,7 @@ def int_gemm_out(out: Tensor, a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: 
     counters = partials = _empty_int32(a_q.device)
     if splits > 1:
         tiles = _cdiv(m, pl.bm) * _cdiv(n, pl.bn)
-        counters_per_slot = tile_info(0, pl.config, w_bits)[5]
+        counters_per_slot = tile_info(_CXX_PATH[pl.path], pl.config, w_bits)[5]
         ws = _workspace(a_q.device, max(tiles * splits * pl.bm * pl.bn, DISPATCH.partials_per_stream),
                         counters_per_slot)
         if ws is None:

@@ -18,7 +18,8 @@ from hdrq import reference as ref
 
 pytestmark = pytest.mark.cuda
 
-KERNEL_PATHS = ["decode", "mma", "wgmma", "wgmma_pp", "wgmma256"]  # wgmma_pp: ping-pong; wgmma256: 128x256 tiles
+# wgmma_pp: ping-pong; wgmma256: 128x256 tiles; wgmma_decode: 64x128 tiles with split-K (csrc/gemm.h WgmmaConfig)
+KERNEL_PATHS = ["decode", "mma", "wgmma", "wgmma_pp", "wgmma256", "wgmma_decode"]
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +264,46 @@ def test_w6_expansion_in_a_cuda_graph(cuda_backend, force_path, monkeypatch):
         assert torch.equal(out, ref.int_matmul_acc(a, q))
 
 
+@pytest.mark.parametrize("path", ["wgmma_decode"])
+@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("m,n,k,splits", [(1, 4096, 4096, 8), (17, 272, 2080, 3), (64, 1040, 4096, 5),
+                                          (300, 272, 1056, 16), (3, 48, 672, 6)])
+def test_wgmma_split_k(cuda_backend, force_path, path, bits, m, n, k, splits):
+    """Split-K on the wgmma path that has it: ragged tiles, K not a multiple of the splits (the last
+    split's steps past K are padding; 16 splits of 9 k-tiles: seven splits all padding), twice in a row
+    (the counters are back at zero), the exact accumulator and the bf16 epilogue into a poisoned output."""
+    force_path(path)
+    q, w = weights(n, k, bits)
+    a = acts(m, k)
+    pl = cuda_backend.plan_for_config(m, n, k, bits, path, splits)
+    acc = torch.full((m, n), -0x5A5A5A5B, dtype=torch.int32, device="cuda")
+    ones = torch.ones(n, device="cuda")
+    for _ in range(2):
+        ran = cuda_backend.int_gemm_out(acc, a, ones[:1], w, ones, None, bits, plan_override=pl)
+        assert (ran.path, ran.splits) == (path, splits)
+        assert torch.equal(acc, ref.int_matmul_acc(a, q))
+    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
+    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, plan_override=pl)
+    assert torch.equal(out, ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.float32).to(torch.bfloat16))
+
+
+def test_auto_dispatch_to_wgmma_decode(cuda_backend, force_path, monkeypatch):
+    """With GemmDispatch.wgmma_decode_max_m set, auto sends small M to wgmma_decode (after its check)."""
+    force_path("wgmma_decode")
+    monkeypatch.setenv("HDRQ_GEMM_PATH", "auto")
+    monkeypatch.setattr(cuda_backend, "DISPATCH", dataclasses.replace(cuda_backend.DISPATCH, wgmma_decode_max_m=32))
+    monkeypatch.setattr(cuda_backend, "_WGMMA_VERIFIED", {})
+    for m, expect in [(16, "wgmma_decode"), (33, "decode")]:
+        before = cuda_backend.PATH_CALLS[expect]
+        q, w = weights(1024, 2048, 6)
+        a = acts(m, 2048)
+        assert torch.equal(ops.int_matmul_int32(a, w, w_bits=6), ref.int_matmul_acc(a, q))
+        assert cuda_backend.PATH_CALLS[expect] >= before + 1
+
+
 DECODE_NAMES = ["Decode16", "Decode32", "Decode64", "Decode16K256", "Decode16Deep", "Decode32N128", "Decode64N128"]
 
 
@@ -341,7 +382,7 @@ def test_concurrent_streams(cuda_backend):
 
 
 @pytest.mark.parametrize("m,path", [(1, "auto"), (16, "auto"), (300, "auto"), (300, "wgmma"), (300, "wgmma_pp"),
-                                    (300, "wgmma256")])
+                                    (300, "wgmma256"), (1, "wgmma_decode"), (64, "wgmma_decode")])
 def test_cuda_graph_capture(cuda_backend, force_path, m, path):
     force_path(path)
     q, w = weights(4096, 4096, 6)

@@ -250,8 +250,11 @@ lib.define("expand_w6(Tensor(a!) w8, Tensor w6, int n, int k) -> ()")
 COUNTERS = 1 << int(re.search(r"kSplitKCounters = 1 << (\d+);", (E.CSRC / "gemm.h").read_text()).group(1))
 WIDE, NARROW = (int(x) for x in re.search(r"kBN = CONFIG == kWgmmaCooperative256 \? (\d+) : (\d+);",
                                             (E.CSRC / "gemm_wgmma.cu").read_text()).groups())
+DECODE_BM = int(re.search(r"kBM = kDecode \? (\d+) : 128;", (E.CSRC / "gemm_wgmma.cu").read_text()).group(1))
 def gemm_info(path, config, w_bits):
     if path == 1:
+        if config == 3:
+            return [DECODE_BM, NARROW, 128, 256, 0, COUNTERS]
         return [128, WIDE if config == 2 else NARROW, 128, 384, 0, COUNTERS]
     t = E.traits(config, w_bits)
     return [t.BM, t.BN, t.BK, t.threads, t.STAGES * t.stage_bytes, COUNTERS]
@@ -273,6 +276,11 @@ for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
             out[(path, m, n, k)] = (p.path, p.config, p.bn)
         except ops.Unsupported as e:
             out[(path, m, n, k)] = "unsupported"
+for m, n, k in [(64, 4096, 4096), (1, 4096, 14336), (64, 14336, 4096)]:
+    p = c.plan(m, n, k, 8, dev, "wgmma_decode")
+    out[("wgmma_decode", m, n, k)] = (p.path, p.config, p.bm, p.bn, p.splits)
+p = c.plan_for_config(64, 4096, 2080, 6, "wgmma_decode", 5)
+out["wgmma_decode-override"] = (p.path, p.config, p.splits, p.bm)
 import os, dataclasses
 os.environ["HDRQ_W6_EXPAND"] = "1"
 out["x8-forced"] = [(p.path, p.expand) for p in (c.plan(2048, 4096, 4096, b, dev, "wgmma_pp") for b in (6, 8))]
@@ -322,6 +330,11 @@ def test_cuda_glue_plans_on_cpu():
         assert out[(path, 2048, 4104, 4096)] == "unsupported"       # N % 16
         assert out[(path, 2048, 4096, 4100)] == "unsupported"       # K % 32
     assert out["a100-wgmma"] == "unsupported" and out["a100-auto"] == "mma"
+    # wgmma decode: 64 x 128 tiles, split-K to ~2 items per SM (132 SMs), capped by the partial traffic
+    assert out[("wgmma_decode", 64, 4096, 4096)] == ("wgmma_decode", 3, 64, 128, 8)    # 32 tiles x 8 = 256
+    assert out[("wgmma_decode", 1, 4096, 14336)] == ("wgmma_decode", 3, 64, 128, 8)    # 9 > partial buffer
+    assert out[("wgmma_decode", 64, 14336, 4096)] == ("wgmma_decode", 3, 64, 128, 2)   # 112 x 3 > partial buffer
+    assert out["wgmma_decode-override"] == ("wgmma_decode", 3, 5, 64)
     # 6-bit expansion: forced on (8-bit weights never expand), forced off, and by GemmDispatch.w6_expand_min_m
     assert out["x8-forced"] == [("wgmma_pp", True), ("wgmma_pp", False)]
     assert out["x8-off"] is False and out["x8-min-m"] == [False, True]

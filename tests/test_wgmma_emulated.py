@@ -20,13 +20,24 @@ def problem(m, n, k, bits, seed=0):
     return W.Problem(a.numpy(), w, m, n, k, bits), ref.int_matmul_acc(a, q).numpy()
 
 
-@pytest.mark.parametrize("schedule", ["cooperative", "pingpong", "cooperative256"])
+@pytest.mark.parametrize("schedule", ["cooperative", "pingpong", "cooperative256", "decode64"])
 @pytest.mark.parametrize("bits", [8, 6])
 @pytest.mark.parametrize("m,n,k,grid", [(200, 272, 544, 3), (1, 16, 32, 1), (130, 128, 128, 2), (64, 48, 96, 1),
                                         (130, 400, 96, 2)])
 def test_emulated_wgmma_accumulator_is_exact(schedule, bits, m, n, k, grid):
     P, expect = problem(m, n, k, bits)
     assert np.array_equal(W.run_kernel(P, grid, schedule), expect)
+
+
+@pytest.mark.parametrize("schedule", ["decode64"])
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("m,n,k,grid,splits", [(1, 272, 544, 3, 2), (64, 48, 1056, 5, 3), (17, 144, 672, 2, 6),
+                                               (70, 32, 288, 4, 3)])
+def test_emulated_wgmma_split_k_is_exact(schedule, bits, m, n, k, grid, splits):
+    """Split-K items (tile, split) over a persistent grid, with padding steps past K in the last split
+    (1056 = 8.25 k-tiles of 128 in 3 splits of 3; 672 = 5.25 in 6 of 1: one split all padding)."""
+    P, expect = problem(m, n, k, bits)
+    assert np.array_equal(W.run_kernel(P, grid, schedule, splits), expect)
 
 
 def test_schedules_parsed_from_the_kernel():
@@ -37,6 +48,8 @@ def test_schedules_parsed_from_the_kernel():
     assert W.SCHEDULE_HALVES["cooperative"] == [("c", "64 * c")]
     assert W.SCHEDULE_HALVES["pingpong"] == [("0", "0"), ("1", "64")]
     assert W._halves("cooperative") == [(0, 0), (1, 64)] and W._halves("pingpong") == [(0, 0), (1, 64)]
+    assert W._halves("decode64") == [(0, 0)] and W.cfg("decode64", 8).bm == 64
+    assert "static constexpr bool kSplitK = kDecode;" in W.SRC  # the emulator runs split-K for decode64 only
 
 
 def test_tile_constants_parsed():
@@ -96,13 +109,16 @@ def test_tma_swizzle_round_trip():
 import wgmma_protocol as WP  # noqa: E402
 
 
-@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("kind", ["cooperative", "pingpong", "decode64"])
 @pytest.mark.parametrize("stages,kt_total,my_tiles", [(4, 5, 5), (4, 1, 6), (2, 3, 4), (4, 32, 3), (3, 2, 7)])
-def test_barrier_protocol_holds(pingpong, stages, kt_total, my_tiles):
-    """Random interleavings of producer, consumer warps, load landings and wgmma completions: every full
-    wait sees its own step's data, no stage is overwritten while read, nothing deadlocks."""
-    for seed in range(40):
-        WP.simulate(WP.Protocol(pingpong=pingpong, stages=stages), kt_total, my_tiles, seed)
+def test_barrier_protocol_holds(kind, stages, kt_total, my_tiles):
+    """Random interleavings of producer, consumer warps, load landings and wgmma completions: every wait
+    passes on its own phase, every full wait sees its own step's data, no stage is overwritten while read,
+    nothing deadlocks; with and without split-K padding steps (not in ping-pong, which has no split-K)."""
+    proto = WP.Protocol(pingpong=kind == "pingpong", stages=stages, consumers=1 if kind == "decode64" else 2)
+    for pad_tail in ([0] if kind == "pingpong" else [0, min(2, kt_total)]):
+        for seed in range(30):
+            WP.simulate(proto, kt_total, my_tiles, seed, pad_tail)
 
 
 @pytest.mark.parametrize("change", [dict(order_barrier=False), dict(order_parity="wrong"), dict(warps=4, stages=1)])
@@ -124,7 +140,11 @@ def test_kernel_uses_the_simulated_protocol():
     """The formulas of csrc/gemm_wgmma.cu that the simulation models (a change there must be mirrored in
     tests/wgmma_protocol.py)."""
     src = W.SRC
-    assert "mbar_init(&empty_bar[s], kPingPong ? 4 : 8)" in src                   # readers x warps
+    assert "mbar_init(&empty_bar[s], kPingPong ? 4 : 4 * T::kConsumers)" in src   # readers x warps
+    assert "static constexpr int kConsumers = kDecode ? 1 : 2;" in src
+    # padding steps: the producer arrives without loading, the consumers issue no wgmma but commit
+    assert "if (ti.kt >= kt_total) {  // padding step: nothing to load\n          mbar_arrive(&full_bar[s]);" in src
+    assert "if (ti.kt + kt < kt_total) {  // (a padding step: an empty wgmma group)" in src
     assert "mbar_init(&full_bar[s], BITS == 8 ? 1 : 128)" in src
     assert "mbar_init(&order_bar[0], 4);" in src and "mbar_init(&order_bar[1], 4);" in src
     assert "if (i > 0) mbar_wait(&order_bar[c], (c == 1 ? mine : mine - 1) & 1);" in src
@@ -134,4 +154,4 @@ def test_kernel_uses_the_simulated_protocol():
     pp = src[src.index(W.PINGPONG_BRANCH):]
     # ping-pong: the order arrive comes after the mainloop and before the final wait_group 0
     assert pp.index("mbar_arrive(&order_bar[c ^ 1]);") < pp.index("wgmma.wait_group.sync.aligned 0;")
-    assert "for (int i = c, mine = 0; i < my_tiles; i += 2, ++mine)" in pp and "int f = i * kt_total;" in pp
+    assert "for (int i = c, mine = 0; i < my_items; i += 2, ++mine)" in pp and "int f = i * kt_per_item;" in pp

@@ -30,7 +30,7 @@ def _const(name: str) -> int:
     return int(m.group(1))
 
 
-BM, BK = _const("kBM"), _const("kBK")
+BM, BK = int(re.search(r"kBM = kDecode \? \d+ : (\d+);", SRC).group(1)), _const("kBK")
 LOOKAHEAD = int(re.search(r"kLookahead = (\d+)", SRC).group(1))
 BKU = BK // 32
 A_STAGE = BM * BK
@@ -38,8 +38,9 @@ SLOTS = LOOKAHEAD + 1
 # WgTraits: the tile width and stages of each configuration
 WIDE_BN, NARROW_BN = (int(x) for x in re.search(r"kBN = CONFIG == kWgmmaCooperative256 \? (\d+) : (\d+);", SRC).groups())
 WIDE6_STAGES, STAGES = (int(x) for x in re.search(
-    r"kStages = CONFIG == kWgmmaCooperative256 && BITS == 6 \? (\d+) : (\d+);", SRC).groups())
-SCHEDULES = ("cooperative", "pingpong", "cooperative256")  # csrc/gemm.h WgmmaConfig 0, 1, 2
+    r"kStages = \(CONFIG == kWgmmaCooperative256 \|\| kDecode\) && BITS == 6 \? (\d+) : (\d+);", SRC).groups())
+DECODE_BM = int(re.search(r"kBM = kDecode \? (\d+) : 128;", SRC).group(1))
+SCHEDULES = ("cooperative", "pingpong", "cooperative256", "decode64")  # csrc/gemm.h WgmmaConfig 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Cfg:
     """One WgTraits<BITS, CONFIG> instantiation."""
     bn: int
     stages: int
+    bm: int = 128
+    consumers: int = 2
 
     @property
     def panels(self) -> int:
@@ -66,8 +69,9 @@ class Cfg:
 
 
 def cfg(schedule: str, bits: int) -> Cfg:
-    wide = schedule == "cooperative256"
-    return Cfg(WIDE_BN if wide else NARROW_BN, WIDE6_STAGES if wide and bits == 6 else STAGES)
+    wide, decode = schedule == "cooperative256", schedule == "decode64"
+    return Cfg(WIDE_BN if wide else NARROW_BN, WIDE6_STAGES if (wide or decode) and bits == 6 else STAGES,
+               DECODE_BM if decode else 128, 1 if decode else 2)
 
 
 # the 128-wide configurations (cooperative, ping-pong)
@@ -98,6 +102,7 @@ def _schedule_halves() -> dict[str, list[tuple[int, int]]]:
         assert reads and set(reads) == set(rows), (name, reads, rows)
         out[name] = [(reads[acc], rows[acc] or "0") for acc in sorted(reads)]
     out["cooperative256"] = out["cooperative"]  # the same branch, 64 x 256 accumulators
+    out["decode64"] = out["cooperative"]        # the same branch with one consumer (c = 0)
     return out
 
 
@@ -109,10 +114,10 @@ def swizzle128(offset: np.ndarray) -> np.ndarray:
     return offset ^ (((offset >> 7) & 7) << 4)
 
 
-def tma_tile_sw128(a: np.ndarray, m: int, k: int, row0: int, col0: int) -> np.ndarray:
-    """The 1024-aligned shared tile a 2-D TMA load (box BK bytes x BM rows, 128B swizzle) writes."""
-    tile = np.zeros(BM * BK, dtype=np.uint8)
-    r = np.arange(BM)[:, None]
+def tma_tile_sw128(a: np.ndarray, m: int, k: int, row0: int, col0: int, bm: int = BM) -> np.ndarray:
+    """The 1024-aligned shared tile a 2-D TMA load (box BK bytes x bm rows, 128B swizzle) writes."""
+    tile = np.zeros(bm * BK, dtype=np.uint8)
+    r = np.arange(bm)[:, None]
     x = np.arange(BK)[None, :]
     rows, cols = row0 + r, col0 + x
     ok = (rows < m) & (cols < k)
@@ -153,9 +158,11 @@ class Problem:
     bits: int
 
 
-def step_of(f, kt_total, m_tiles, bx, grid, bn=NARROW_BN):
-    tile = bx + (f // kt_total) * grid
-    return (tile % m_tiles) * BM, (tile // m_tiles) * bn, f % kt_total
+def step_of(f, kt_per_item, m_tiles, num_tiles, bx, grid, bm=BM, bn=NARROW_BN):
+    """The kernel's step_of: (m0, n0, kt, tile, split) of CTA bx's f-th step."""
+    item = bx + (f // kt_per_item) * grid
+    tile, split = item % num_tiles, item // num_tiles
+    return (tile % m_tiles) * bm, (tile // m_tiles) * bn, split * kt_per_item + f % kt_per_item, tile, split
 
 
 def produce_b_8bit(P: Problem, n0: int, kt: int, stage: np.ndarray, c: Cfg = cfg("cooperative", 8)) -> None:
@@ -212,45 +219,85 @@ def _halves(schedule: str):
             rows = eval(row_expr, {"c": c})
             if schedule == "pingpong" or half == c:  # cooperative(256): consumer c, half c
                 out.append((half, rows))
-        if schedule == "pingpong":
+        if schedule in ("pingpong", "decode64"):  # one consumer per tile
             break
     return out
 
 
-def run_kernel(P: Problem, grid: int, schedule: str = "cooperative") -> np.ndarray:
+def run_kernel(P: Problem, grid: int, schedule: str = "cooperative", splits: int = 1) -> np.ndarray:
+    """The kernel's output (int32 accumulators) for CTAs 0..grid-1 walking work items (tile, K split); with
+    splits > 1 every item stores its partial tile at the kernel's partial-buffer indices and each tile's
+    partials are summed in split order before the epilogue (as the last-arriving split does)."""
     assert P.n % 16 == 0 and P.k % 32 == 0, "the wgmma path needs N % 16 == 0 and K % 32 == 0"
     c = cfg(schedule, P.bits)
-    BN = c.bn
-    m_tiles = E.cdiv(P.m, BM)
+    BM_, BN = c.bm, c.bn
+    m_tiles = E.cdiv(P.m, BM_)
     num_tiles = m_tiles * E.cdiv(P.n, BN)
     kt_total = E.cdiv(P.k, BK)
+    kt_per_item = E.cdiv(kt_total, splits)
+    num_items = num_tiles * splits
     out = np.full((P.m, P.n), np.int32(-0x5A5A5A5B), dtype=np.int32)
+    partials = np.full((num_tiles, splits, BM_ * BN), -7, dtype=np.int64)  # poisoned, like a fresh buffer
+    arrived = np.zeros(num_tiles, dtype=np.int64)
     rows, cols = acc_coords(BN)
-    for bx in range(min(grid, num_tiles)):
-        my_tiles = (num_tiles - 1 - bx) // grid + 1 if bx < num_tiles else 0
+    halves = _halves(schedule)
+    for bx in range(min(grid, num_items)):
+        my_items = (num_items - 1 - bx) // grid + 1 if bx < num_items else 0
         sB = np.full(c.b_stage, 0xC3, dtype=np.uint8)  # stale bytes where nothing is copied
         staging = np.zeros(c.staging, dtype=np.uint8)
         f = 0
-        for _ in range(my_tiles):
-            m0, n0, _kt = step_of(f, kt_total, m_tiles, bx, grid, BN)
-            acc = np.zeros((2, BM // 2, BN), dtype=np.int64)  # per 64-row half of the tile
-            for kt in range(kt_total):
-                mm0, nn0, kk = step_of(f, kt_total, m_tiles, bx, grid, BN)
-                assert (mm0, nn0, kk) == (m0, n0, kt)
-                sA = tma_tile_sw128(P.a, P.m, P.k, m0, kt * BK)
+        for _ in range(my_items):
+            m0, n0, kt0, tile, split = step_of(f, kt_per_item, m_tiles, num_tiles, bx, grid, BM_, BN)
+            acc = np.zeros((2, 64, BN), dtype=np.int64)  # per 64-row half of the tile
+            for kt in range(kt_per_item):
+                mm0, nn0, kk, tt, ss = step_of(f, kt_per_item, m_tiles, num_tiles, bx, grid, BM_, BN)
+                assert (mm0, nn0, kk, tt, ss) == (m0, n0, kt0 + kt, tile, split)
+                f += 1
+                if kk >= kt_total:  # padding step: nothing loaded, no wgmma
+                    continue
+                sA = tma_tile_sw128(P.a, P.m, P.k, m0, kk * BK, BM_)
                 if P.bits == 8:
-                    produce_b_8bit(P, n0, kt, sB, c)
+                    produce_b_8bit(P, n0, kk, sB, c)
                 else:
-                    produce_b_6bit(P, n0, kt, sB, staging, c)
-                for half, _rows in _halves(schedule):
+                    produce_b_6bit(P, n0, kk, sB, staging, c)
+                for half, _rows in halves:
                     for ku in range(BKU):
                         A = read_operand(sA, half * 64 * BK + ku * 32, 64, A_LBO, A_SBO, A_LAYOUT)
                         B = read_operand(sB, ku * c.panels * 512, BN, B_LBO, B_SBO, B_LAYOUT)
                         acc[half] += A @ B.T
-                f += 1
-            for half, row_off in _halves(schedule):
+            regs = {half: acc[half][rows, cols] for half, _ in halves}  # thread T's [128, BN / 2] registers
+            if splits > 1:
+                # reduce_splits: store this split's partial, count it in; the last one sums the others
+                for half, row_off in halves:
+                    for T in range(128):
+                        w, lane = T // 32, T % 32
+                        g, t = lane >> 2, lane & 3
+                        row0 = row_off + 16 * w + g
+                        for j in range(BN // 8):
+                            for hr in range(2):
+                                if m0 + row0 + 8 * hr < P.m:
+                                    i0 = (row0 + 8 * hr) * BN + 8 * j + 2 * t
+                                    partials[tile, split, i0: i0 + 2] = regs[half][T, [4 * j + 2 * hr, 4 * j + 2 * hr + 1]]
+                arrived[tile] += 1
+                if arrived[tile] < splits:
+                    continue
+                arrived[tile] = 0
+                for half, row_off in halves:
+                    for T in range(128):
+                        w, lane = T // 32, T % 32
+                        g, t = lane >> 2, lane & 3
+                        row0 = row_off + 16 * w + g
+                        for z in range(splits):
+                            if z == split:
+                                continue
+                            for j in range(BN // 8):
+                                for hr in range(2):
+                                    if m0 + row0 + 8 * hr < P.m:
+                                        i0 = (row0 + 8 * hr) * BN + 8 * j + 2 * t
+                                        regs[half][T, [4 * j + 2 * hr, 4 * j + 2 * hr + 1]] += partials[tile, z, i0: i0 + 2]
+            for half, row_off in halves:
                 # registers of thread T of the warpgroup holding this half, then the kernel's epilogue indices
-                d = acc[half][rows, cols]  # [128, BN / 2]
+                d = regs[half]
                 for T in range(128):
                     w, lane = T // 32, T % 32
                     g, t = lane >> 2, lane & 3
@@ -267,4 +314,5 @@ def run_kernel(P: Problem, grid: int, schedule: str = "cooperative") -> np.ndarr
                                 out[m, n] = v[0]
                                 if n + 1 < P.n:
                                     out[m, n + 1] = v[1]
+    assert not arrived.any(), "a tile's splits did not all arrive"
     return out

@@ -3,8 +3,12 @@ asynchronous TMA landings and wgmma groups, under random interleavings of the pr
 
 What the kernel's barriers must guarantee, and what :func:`simulate` checks on every run:
 
-* a consumer warp that passes its `full` wait for pipeline step f finds step f's data in the stage (the
-  parity wait cannot tell phase q from phase q - 2, so a consumer running too far ahead would pass early);
+* a consumer warp that passes its `full` wait for pipeline step f passes it on the phase that step f's load
+  completed, and finds step f's data in the stage (the parity wait cannot tell phase q from phase q - 2, so
+  a consumer running too far ahead would pass early); the producer likewise passes `empty` on the phase
+  that released the stage's previous step;
+* padding steps (split-K items past K: the producer arrives without loading, the consumers issue an empty
+  wgmma group) keep the phases in step;
 * the data is still there when the warp releases the stage (no load lands while a wgmma may read it);
 * nothing deadlocks, and every step is produced and consumed once per consumer that needs it.
 
@@ -60,6 +64,7 @@ class Protocol:
 
     pingpong: bool
     stages: int = 4
+    consumers: int = 2             # consumer warpgroups (the 64-row decode configuration has one)
     warps: int = 4                 # warps per consumer warpgroup (lane 0 of each arrives)
     order_barrier: bool = True     # ping-pong: wait for the other consumer's mainloop before starting one
     order_parity: str = "kernel"   # "kernel": consumer 1 waits completion `mine`, consumer 0 `mine - 1`
@@ -78,16 +83,22 @@ class _State:
     consumed: dict = field(default_factory=dict)       # step -> consumers that released it
 
 
-def _producer(st: _State, steps: int):
+def _producer(st: _State, steps: int, pad):
     S = st.proto.stages
     for f in range(steps):
         s = f % S
         yield lambda s=s, f=f: st.empty[s].test_parity(((f // S) & 1) ^ 1)
-        st.full[s].arrive(expect_tx=1)   # arrive.expect_tx, then the TMA / bulk copies
-        st.inflight.append((s, f))
+        if st.empty[s].phase != f // S:
+            raise Violation(f"the producer passed the empty wait of step {f} (stage {s}) at phase "
+                            f"{st.empty[s].phase}, not {f // S}")
+        if pad(f):
+            st.full[s].arrive()              # padding step: a plain arrive, nothing loaded
+        else:
+            st.full[s].arrive(expect_tx=1)   # arrive.expect_tx, then the TMA / bulk copies
+            st.inflight.append((s, f))
 
 
-def _consumer_warp(st: _State, c: int, tiles: list[int], kt_total: int):
+def _consumer_warp(st: _State, c: int, tiles: list[int], kt_total: int, pad):
     """One warp of consumer warpgroup c over its tiles (local tile indices)."""
     P = st.proto
     S = P.stages
@@ -104,7 +115,10 @@ def _consumer_warp(st: _State, c: int, tiles: list[int], kt_total: int):
             f = i * kt_total + kt
             s = f % S
             yield lambda s=s, f=f: st.full[s].test_parity((f // S) & 1)
-            if st.stage_data[s] != f:
+            if st.full[s].phase != f // S + 1:
+                raise Violation(f"consumer {c} passed the full wait of step {f} (stage {s}) at phase "
+                                f"{st.full[s].phase}, not {f // S + 1}")
+            if not pad(f) and st.stage_data[s] != f:
                 raise Violation(f"consumer {c} passed the full wait of step {f} (stage {s}) but the stage holds "
                                 f"step {st.stage_data[s]}")
             st.issued[c, group] = st.issued.get((c, group), 0) + 1
@@ -114,36 +128,43 @@ def _consumer_warp(st: _State, c: int, tiles: list[int], kt_total: int):
             while len(window) > P.groups_in_flight:
                 s0, f0, g0 = window.pop(0)
                 yield lambda g0=g0: st.issued.get((c, g0), 0) == P.warps
-                _release(st, c, s0, f0)
+                _release(st, c, s0, f0, pad(f0))
         if P.pingpong and P.order_barrier:
             st.order[c ^ 1].arrive()
         for s0, f0, g0 in window:  # wait_group 0
             yield lambda g0=g0: st.issued.get((c, g0), 0) == P.warps
-            _release(st, c, s0, f0)
+            _release(st, c, s0, f0, pad(f0))
 
 
-def _release(st: _State, c: int, s: int, f: int):
-    if st.stage_data[s] != f:
+def _release(st: _State, c: int, s: int, f: int, padding: bool = False):
+    if not padding and st.stage_data[s] != f:
         raise Violation(f"consumer {c} released stage {s} of step {f}, but step {st.stage_data[s]} landed in it "
                         f"while its wgmma could read it")
     st.empty[s].arrive()
     st.consumed.setdefault(f, []).append(c)
 
 
-def simulate(proto: Protocol, kt_total: int, my_tiles: int, seed: int, max_events: int = 200_000) -> None:
-    """One random interleaving of a CTA's producer and consumer warps over my_tiles tiles of kt_total steps.
+def simulate(proto: Protocol, kt_total: int, my_tiles: int, seed: int, pad_tail: int = 0,
+             max_events: int = 200_000) -> None:
+    """One random interleaving of a CTA's producer and consumer warps over my_tiles work items of kt_total
+    steps each; with pad_tail, the last pad_tail steps of every other item are padding (split-K items past K).
     Raises Violation on a broken guarantee or a deadlock."""
     rng = random.Random(seed)
     P = proto
-    readers = 1 if P.pingpong else 2  # consumers reading each stage
+    assert not (P.pingpong and pad_tail), "ping-pong runs without split-K"
+
+    def pad(f: int) -> bool:
+        return (f // kt_total) % 2 == 1 and f % kt_total >= kt_total - pad_tail
+
+    readers = 1 if P.pingpong else P.consumers  # consumers reading each stage
     st = _State(P, [Barrier(1) for _ in range(P.stages)],
                 [Barrier(readers * P.warps) for _ in range(P.stages)],
                 [Barrier(P.warps), Barrier(P.warps)], [None] * P.stages)
     steps = my_tiles * kt_total
-    agents = [_producer(st, steps)]
-    for c in range(2):
+    agents = [_producer(st, steps, pad)]
+    for c in range(2 if P.pingpong else P.consumers):
         tiles = list(range(c, my_tiles, 2)) if P.pingpong else list(range(my_tiles))
-        agents += [_consumer_warp(st, c, tiles, kt_total) for _ in range(P.warps)]
+        agents += [_consumer_warp(st, c, tiles, kt_total, pad) for _ in range(P.warps)]
     waits = {}
     for a in agents:  # run each to its first wait
         try:
@@ -170,7 +191,7 @@ def simulate(proto: Protocol, kt_total: int, my_tiles: int, seed: int, max_event
             del waits[a]
     else:
         raise Violation("did not finish")
-    want = [0] if P.pingpong else [0, 1]
+    want = [0] if P.pingpong else list(range(P.consumers))
     for f in range(steps):
         got = sorted(st.consumed.get(f, []))
         expect = [((f // kt_total) % 2)] if P.pingpong else want
