@@ -220,9 +220,38 @@ __device__ __forceinline__ float scale_one(const GemmArgs& p, int32_t acc, float
   return v;
 }
 
-// `pair_ok`: ldo is even and out is aligned, so (m, n) with n even takes a 2-element vector store.
-__device__ __forceinline__ void store_pair(const GemmArgs& p, int m, int n, int32_t v0, int32_t v1, bool pair_ok) {
-  if (m >= p.m || n >= p.n) return;
+// The scale factors of output columns n and n + 1 (what scale_one reads), loaded once for several rows.
+struct ColScales {
+  float w0, w1, b0, b1;
+};
+
+__device__ __forceinline__ ColScales col_scales(const GemmArgs& p, int n) {
+  ColScales c{0.f, 0.f, 0.f, 0.f};
+  if (p.out_kind == kOutInt32 || n >= p.n) return c;
+  c.w0 = p.w_scale[n];
+  if (p.bias_kind != kBiasNone) c.b0 = load_bias(p.bias, p.bias_kind, n);
+  if (n + 1 < p.n) {
+    c.w1 = p.w_scale[n + 1];
+    if (p.bias_kind != kBiasNone) c.b1 = load_bias(p.bias, p.bias_kind, n + 1);
+  }
+  return c;
+}
+
+// The activation scale of row m (0 for rows past M or int32 output, which do not use it).
+__device__ __forceinline__ float row_scale(const GemmArgs& p, int m) {
+  return (p.out_kind == kOutInt32 || m >= p.m) ? 0.f : p.a_scale[p.a_scale_per_token ? m : 0];
+}
+
+// scale_one with the factors already loaded: the same operations in the same order.
+__device__ __forceinline__ float scale_with(const GemmArgs& p, int32_t acc, float sa, float ws, float b) {
+  float v = __fmul_rn(__fmul_rn(__int2float_rn(acc), sa), ws);
+  if (p.bias_kind != kBiasNone) v = __fadd_rn(v, b);
+  return v;
+}
+
+// Stores two adjacent outputs whose fp32 values (or, for int32 output, accumulators) are computed.
+__device__ __forceinline__ void store_pair_values(const GemmArgs& p, int m, int n, int32_t v0, int32_t v1, float f0,
+                                                  float f1, bool pair_ok) {
   const bool two = n + 1 < p.n;
   const int64_t idx = int64_t(m) * p.ldo + n;
   if (p.out_kind == kOutInt32) {
@@ -235,9 +264,6 @@ __device__ __forceinline__ void store_pair(const GemmArgs& p, int m, int n, int3
     }
     return;
   }
-  const float sa = p.a_scale[p.a_scale_per_token ? m : 0];
-  const float f0 = scale_one(p, v0, sa, n);
-  const float f1 = two ? scale_one(p, v1, sa, n + 1) : 0.f;
   if (p.out_kind == kOutBF16) {
     __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + idx;
     if (two && pair_ok) {
@@ -263,6 +289,28 @@ __device__ __forceinline__ void store_pair(const GemmArgs& p, int m, int n, int3
       if (two) o[1] = f1;
     }
   }
+}
+
+// `pair_ok`: ldo is even and out is aligned, so (m, n) with n even takes a 2-element vector store.
+__device__ __forceinline__ void store_pair(const GemmArgs& p, int m, int n, int32_t v0, int32_t v1, bool pair_ok) {
+  if (m >= p.m || n >= p.n) return;
+  if (p.out_kind == kOutInt32) return store_pair_values(p, m, n, v0, v1, 0.f, 0.f, pair_ok);
+  const bool two = n + 1 < p.n;
+  const float sa = p.a_scale[p.a_scale_per_token ? m : 0];
+  const float f0 = scale_one(p, v0, sa, n);
+  const float f1 = two ? scale_one(p, v1, sa, n + 1) : 0.f;
+  store_pair_values(p, m, n, v0, v1, f0, f1, pair_ok);
+}
+
+// store_pair with the row's activation scale and the columns' factors loaded by the caller (row_scale,
+// col_scales), so an epilogue loads each once per tile instead of once per output pair. Same results.
+__device__ __forceinline__ void store_pair_scaled(const GemmArgs& p, int m, int n, int32_t v0, int32_t v1, float sa,
+                                                  const ColScales& c, bool pair_ok) {
+  if (m >= p.m || n >= p.n) return;
+  if (p.out_kind == kOutInt32) return store_pair_values(p, m, n, v0, v1, 0.f, 0.f, pair_ok);
+  const float f0 = scale_with(p, v0, sa, c.w0, c.b0);
+  const float f1 = n + 1 < p.n ? scale_with(p, v1, sa, c.w1, c.b1) : 0.f;
+  store_pair_values(p, m, n, v0, v1, f0, f1, pair_ok);
 }
 
 }  // namespace hdrq

@@ -408,9 +408,13 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
   const int out_bytes = (p.out_kind == kOutBF16 || p.out_kind == kOutFP16) ? 2 : 4;
   const bool pair_ok = (p.ldo % 2) == 0 && reinterpret_cast<uintptr_t>(p.out) % (2 * out_bytes) == 0;
   // accumulator j*4 + r of a 64 x kBN half: row 16w + g + 8*(r >> 1), column 8j + 2t + (r & 1)
+  // The row scales are loaded once per tile and each column pair's scales once for both rows.
   auto epilogue = [&](const auto& acc, int row0, int n0) {  // acc: int32_t[kBN / 2]
+    const int r = row0 + 16 * w + g;
+    const float sa[2] = {row_scale(p, r), row_scale(p, r + 8)};
 #pragma unroll
-    for (int j = 0; j < kBN / 8; ++j)
+    for (int j = 0; j < kBN / 8; ++j) {
+      const ColScales cs = col_scales(p, n0 + 8 * j + 2 * t);
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         int32_t v0 = acc[4 * j + 2 * hr], v1 = acc[4 * j + 2 * hr + 1];
@@ -418,8 +422,9 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
           v0 >>= 2;
           v1 >>= 2;
         }
-        store_pair(p, row0 + 16 * w + g + 8 * hr, n0 + 8 * j + 2 * t, v0, v1, pair_ok);
+        store_pair_scaled(p, r + 8 * hr, n0 + 8 * j + 2 * t, v0, v1, sa[hr], cs, pair_ok);
       }
+    }
   };
   auto a_desc = [&](int s, int half, int ku) {
     return smem_desc(sA + s * kAStageBytes + half * 64 * kBK + ku * 32, 16, 1024, 1);
