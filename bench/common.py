@@ -43,6 +43,21 @@ def gpu_kernel_us(fn: Callable[[], object], iters: int = 10) -> tuple[dict, floa
     return dict(per), sum(per.values())
 
 
+def gemm_problem(m: int, n: int, k: int, bits: int) -> argparse.Namespace:
+    """Random int8 GEMM operands on the GPU: q (int weights), w = pack_weight(q, bits), a (int8 activations),
+    a_scale [M], w_scale [N], bias (bf16), and empty acc (int32) and out (bf16) of [M, N]."""
+    from hdrq import ops
+
+    lo, hi = (-128, 128) if bits == 8 else (-32, 32)
+    q = torch.randint(lo, hi, (n, k), dtype=torch.int8, device="cuda")
+    return argparse.Namespace(
+        q=q, w=ops.pack_weight(q, bits), a=torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda"),
+        a_scale=torch.rand(m, device="cuda") + 0.1, w_scale=torch.rand(n, device="cuda") + 0.1,
+        bias=torch.randn(n, device="cuda", dtype=torch.bfloat16),
+        acc=torch.empty((m, n), dtype=torch.int32, device="cuda"),
+        out=torch.empty((m, n), dtype=torch.bfloat16, device="cuda"))
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written) measured now, in GB/s: the memory ceiling."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()

@@ -19,8 +19,10 @@ os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 
 import torch  # noqa: E402
 
-from hdrq import ops  # noqa: E402
 from hdrq import reference as ref  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import gemm_problem  # noqa: E402
 
 # (path, bits, M, N, K, splits)
 CASES = [
@@ -67,15 +69,8 @@ def main() -> int:
         many = tuple((top, name, 64.0) for top, name, _ in hc.DISPATCH.decode_configs)
         hc.DISPATCH = dataclasses.replace(hc.DISPATCH, decode_configs=many, mma_blocks_per_sm=64.0,
                                           max_partial_fraction=1e9, max_splits=splits, min_k_tiles_per_split=1)
-        lo, hi = (-128, 128) if bits == 8 else (-32, 32)
-        q = torch.randint(lo, hi, (n, k), dtype=torch.int8, device="cuda")
-        w = ops.pack_weight(q, bits)
-        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-        a_scale = torch.rand(m, device="cuda") + 0.1
-        w_scale = torch.rand(n, device="cuda") + 0.1
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        acc = torch.empty((m, n), dtype=torch.int32, device="cuda")
-        out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
+        g = gemm_problem(m, n, k, bits)
+        q, w, a, a_scale, w_scale, bias, acc, out = g.q, g.w, g.a, g.a_scale, g.w_scale, g.bias, g.acc, g.out
         if path in hc.DECODE_CONFIGS or (path in hc.SPLIT_K_WGMMA and splits > 1):
             run = dict(plan_override=hc.plan_for_config(m, n, k, bits, path, splits))
         else:

@@ -141,6 +141,19 @@ def _ulps_ok(got, want_fp32, dtype):
     return torch.allclose(got.float(), want_fp32, rtol=eps, atol=1e-6)
 
 
+def check_bf16_epilogue(cuda_backend, a, w, bits, **run):
+    """The deployed epilogue (per-token scales, bf16 bias, bf16 out) into a NaN-poisoned output equals the
+    reference's fp32 epilogue rounded once. ``run``: ``path=`` or ``plan_override=`` of int_gemm_out."""
+    m, n = a.shape[0], (w.shape[0])
+    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
+    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ran = cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, **run)
+    assert torch.equal(out, ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.float32).to(torch.bfloat16))
+    return ran
+
+
 OUT_SHAPES = [(3, 272, 1028), (129, 200, 640), (300, 272, 640)]
 
 
@@ -190,12 +203,7 @@ def test_wgmma_many_tiles_per_cta(cuda_backend, force_path, path, bits, m, n, k)
     ones = torch.ones(n, device="cuda")
     cuda_backend.int_gemm_out(acc, a, ones[:1], w, ones, None, bits, path=path)
     assert torch.equal(acc, ref.int_matmul_acc(a, q))
-    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
-    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
-    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, path=path)
-    assert torch.equal(out, ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.float32).to(torch.bfloat16))
+    check_bf16_epilogue(cuda_backend, a, w, bits, path=path)
     assert force_path(path) == before + 2
 
 
@@ -231,13 +239,8 @@ def test_w6_through_expansion(cuda_backend, force_path, monkeypatch, path, m, n,
     a = acts(m, k)
     assert cuda_backend.plan(m, n, k, 6, torch.device("cuda"), path).expand
     assert torch.equal(ops.int_matmul_int32(a, w, w_bits=6), ref.int_matmul_acc(a, q))
-    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
-    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
-    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    ran = cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, 6, path=path)
+    ran = check_bf16_epilogue(cuda_backend, a, w, 6, path=path)
     assert ran.expand
-    assert torch.equal(out, ref.int_matmul(a, a_scale, w, w_scale, 6, bias, torch.float32).to(torch.bfloat16))
     assert force_path(path) == before + 2 and cuda_backend.PATH_CALLS["expand_w6"] == expansions + 2
     monkeypatch.setenv("HDRQ_W6_EXPAND", "0")
     assert not cuda_backend.plan(m, n, k, 6, torch.device("cuda"), path).expand
@@ -282,12 +285,7 @@ def test_wgmma_split_k(cuda_backend, force_path, path, bits, m, n, k, splits):
         ran = cuda_backend.int_gemm_out(acc, a, ones[:1], w, ones, None, bits, plan_override=pl)
         assert (ran.path, ran.splits) == (path, splits)
         assert torch.equal(acc, ref.int_matmul_acc(a, q))
-    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
-    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
-    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, plan_override=pl)
-    assert torch.equal(out, ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.float32).to(torch.bfloat16))
+    check_bf16_epilogue(cuda_backend, a, w, bits, plan_override=pl)
 
 
 def test_auto_dispatch_to_wgmma_decode(cuda_backend, force_path, monkeypatch):
@@ -316,9 +314,6 @@ def test_every_decode_config(cuda_backend, config, bits, m, n, k, splits):
     tiles: the exact accumulator and the bf16 epilogue into poisoned outputs."""
     q, w = weights(n, k, bits)
     a = acts(m, k)
-    a_scale = (torch.rand(m, device="cuda") + 0.05) / 2000
-    w_scale = (torch.rand(n, device="cuda") + 0.05) / 50
-    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     pl = cuda_backend.plan_for_config(m, n, k, bits, config, splits)
     acc = torch.full((m, n), -0x5A5A5A5B, dtype=torch.int32, device="cuda")
     ones = torch.ones(n, device="cuda")
@@ -326,10 +321,7 @@ def test_every_decode_config(cuda_backend, config, bits, m, n, k, splits):
         ran = cuda_backend.int_gemm_out(acc, a, ones[:1], w, ones, None, bits, plan_override=pl)
         assert (ran.config, ran.splits) == (pl.config, splits)
         assert torch.equal(acc, ref.int_matmul_acc(a, q))
-    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    cuda_backend.int_gemm_out(out, a, a_scale, w, w_scale, bias, bits, plan_override=pl)
-    want = ref.int_matmul(a, a_scale, w, w_scale, bits, bias, torch.float32)
-    assert torch.equal(out, want.to(torch.bfloat16))
+    check_bf16_epilogue(cuda_backend, a, w, bits, plan_override=pl)
 
 
 def test_strided_output_rows(cuda_backend):
