@@ -33,13 +33,16 @@ else
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 endif
 
-# Compile every CUDA source for sm_80 and sm_90a, so a CUDA compile error fails CI on a machine with no GPU.
+# Compile every CUDA source for sm_80 and sm_90a, so a CUDA compile error fails CI on a machine with no GPU; so
+# does a ptxas "Potential Performance Loss" (e.g. C7520: wgmma serialised), which only shows with -v.
 nvcc-check:
 ifneq ($(NVCC),)
 	@mkdir -p build/nvcc-check
 	@for f in $(CU_SOURCES); do \
 	  echo "nvcc -c $$f"; \
-	  $(NVCC) $(NVCC_FLAGS) -c $$f -o build/nvcc-check/$$(basename $$f .cu).o || exit 1; \
+	  $(NVCC) $(NVCC_FLAGS) -Xptxas -v -c $$f -o build/nvcc-check/$$(basename $$f .cu).o \
+	    > build/nvcc-check/$$(basename $$f .cu).log 2>&1 || { cat build/nvcc-check/$$(basename $$f .cu).log; exit 1; }; \
+	  if grep "Performance Loss" build/nvcc-check/$$(basename $$f .cu).log; then exit 1; fi; \
 	done
 else
 	@echo "nvcc not found: skipping the CUDA compile check"

@@ -9,7 +9,7 @@
 //       Launches on the current stream; no host sync; allocates nothing (the caller owns `out` and the
 //       split-K workspace `counters` (zero on entry, left zero) and `partials`).
 //       path 0: the mma.sync kernels (config = MmaConfig, gemm.h); path 1: the Hopper wgmma kernel (config =
-//       WgmmaConfig: 0 cooperative, 1 ping-pong).
+//       WgmmaConfig: 0 cooperative, 1 ping-pong, 2 cooperative 128x256, 3 decode 64x128 with split-K).
 //   hdrq_C::gemm_info(path, config, w_bits) -> int[]  [bm, bn, bk, threads, smem_bytes, split-K counters]
 //   hdrq_C::expand_w6(w8!, w6, n, k) -> ()
 //       w8 = pack_weight(q, 8) from w6 = pack_weight(q, 6) (N % 16 == 0, K % 32 == 0), on the current stream.
@@ -114,8 +114,10 @@ void int_gemm(const at::Tensor& out, const at::Tensor& a_q, const at::Tensor& a_
   if (splits > 1) {
     TORCH_CHECK(counters.scalar_type() == at::kInt && counters.is_contiguous() &&
                     counters.numel() >= m_tiles * n_tiles && partials.scalar_type() == at::kInt &&
-                    partials.is_contiguous() && partials.numel() >= m_tiles * n_tiles * splits * shape.bm * shape.bn,
-                "hdrq_C::int_gemm: split-K workspace too small for ", m_tiles * n_tiles, " tiles x ", splits,
+                    partials.is_contiguous() && partials.numel() >= m_tiles * n_tiles * splits * shape.bm * shape.bn &&
+                    reinterpret_cast<uintptr_t>(partials.data_ptr()) % 8 == 0,  // (the wgmma kernel's int2 accesses)
+                "hdrq_C::int_gemm: split-K workspace too small (or partials not 8-byte aligned) for ", m_tiles * n_tiles,
+                " tiles x ", splits,
                 " splits: counters ", counters.numel(), ", partials ", partials.numel());
   }
 

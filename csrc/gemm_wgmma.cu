@@ -81,8 +81,9 @@ template <int BITS>
 constexpr int kProducerRegs = BITS == 8 ? 40 : 72;
 template <int BITS>
 constexpr int kConsumerRegs = BITS == 8 ? 232 : 216;
-static_assert(128 * kProducerRegs<8> + 256 * kConsumerRegs<8> <= 384 * 168, "register split (8-bit)");
-static_assert(128 * kProducerRegs<6> + 256 * kConsumerRegs<6> <= 384 * 168, "register split (6-bit)");
+constexpr int kLaunchRegs = 168;  // registers per thread of a 384-thread, 1-block-per-SM kernel (65536 / 384, floor 8)
+static_assert(128 * kProducerRegs<8> + 256 * kConsumerRegs<8> <= 384 * kLaunchRegs, "register split (8-bit)");
+static_assert(128 * kProducerRegs<6> + 256 * kConsumerRegs<6> <= 384 * kLaunchRegs, "register split (6-bit)");
 
 
 // ---- PTX wrappers (sm_90a) ------------------------------------------------------------------------
@@ -247,7 +248,7 @@ struct TileIndex {
 
 // Work items are (output tile, K split); every item has kt_per_item pipeline steps, so that steps map to items
 // by a division. The last split's steps past K are padding: the producer loads nothing and arrives, the
-// consumers issue no wgmma for them (but keep the barrier phases in step). The f-th step of this CTA:
+// consumers wait for them and release them at once (keeping the barrier phases in step). The f-th step:
 template <int kBM, int kBN>
 __device__ inline TileIndex step_of(int f, int kt_per_item, int m_tiles, int num_tiles) {
   const int item = blockIdx.x + (f / kt_per_item) * gridDim.x;
@@ -481,16 +482,17 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
       const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
 #pragma unroll
       for (int r = 0; r < T::kAcc; ++r) acc[r] = 0;
+      // Steps before K ends, then the item's padding steps (split-K only). Two loops, no branch around the
+      // wgmma: a conditional wgmma makes ptxas serialise every wgmma (warning C7520).
+      const int kt_valid = min(kt_per_item, kt_total - ti.kt);
       int prev = -1;
-      for (int kt = 0; kt < kt_per_item; ++kt, ++f) {
+      for (int kt = 0; kt < kt_valid; ++kt, ++f) {
         const int s = f % kStages;
         mbar_wait(&full_bar[s], (f / kStages) & 1);
-        if (ti.kt + kt < kt_total) {  // (a padding step: an empty wgmma group)
-          fence_operands(acc);
-          asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        fence_operands(acc);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-          for (int ku = 0; ku < kBKU; ++ku) wgmma_s8_m64nNk32<kBN>(acc, a_desc(s, c, ku), b_desc(s, ku));
-        }
+        for (int ku = 0; ku < kBKU; ++ku) wgmma_s8_m64nNk32<kBN>(acc, a_desc(s, c, ku), b_desc(s, ku));
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // the previous stage's group is done
         fence_operands(acc);
@@ -499,7 +501,12 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
       fence_operands(acc);
-      if (lane == 0) mbar_arrive(&empty_bar[prev]);
+      if (prev >= 0 && lane == 0) mbar_arrive(&empty_bar[prev]);
+      for (int kt = max(kt_valid, 0); kt < kt_per_item; ++kt, ++f) {  // padding: nothing loaded, nothing read
+        const int s = f % kStages;
+        mbar_wait(&full_bar[s], (f / kStages) & 1);
+        if (lane == 0) mbar_arrive(&empty_bar[s]);
+      }
       if constexpr (T::kSplitK) {
         if (p.splits > 1 && !reduce_splits(acc, ti)) continue;
       }
@@ -590,6 +597,19 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   auto kernel = gemm_wgmma_kernel<BITS, CONFIG>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) return err;
+  if constexpr (T::kMinBlocks > 1) {  // the grid assumes kMinBlocks CTAs per SM: ask for all of shared memory
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (err != cudaSuccess) return err;
+  }
+  if constexpr (T::kRealloc) {
+    // setmaxnreg's split assumes the kernel enters with 168 registers per thread (its static_assert): with
+    // fewer, the consumers' register request could never be met and the kernel would hang. Refuse instead.
+    static const int regs = [&] {
+      cudaFuncAttributes attr{};
+      return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.numRegs : -1;
+    }();
+    if (regs != kLaunchRegs) return cudaErrorNotSupported;
+  }
   const int items = ceil_div(args.m, T::kBM) * ceil_div(args.n, T::kBN) * args.splits;
   const int slots = T::kMinBlocks * sms;
   kernel<<<items < slots ? items : slots, T::kThreads, T::kSmemBytes, stream>>>(args, tmap);

@@ -71,6 +71,8 @@ class GemmDispatch:
     wgmma_decode_max_m: Optional[int] = None
     """Hopper: M <= this (and <= decode_max_m) takes ``wgmma_decode`` instead of the mma.sync decode kernels;
     None: never under ``auto``. Off until measured (written 2026-11-27 without a GPU)."""
+    wgmma_decode_bits: tuple = (6, 8)
+    """Weight widths that take ``wgmma_decode`` under ``auto`` once ``wgmma_decode_max_m`` is set."""
     wgmma_decode_blocks_per_sm: float = 2.0
     """Split-K target of ``wgmma_decode``: work items per SM (two CTAs fit on an SM)."""
     wgmma_decode_partial_fraction: float = 1.0
@@ -195,7 +197,7 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
         if m <= d.decode_max_m:
             path = "decode"
             if (d.wgmma_decode_max_m is not None and m <= d.wgmma_decode_max_m and wgmma_ok
-                    and _wgmma_verified(device, "wgmma_decode")):
+                    and w_bits in d.wgmma_decode_bits and _wgmma_verified(device, "wgmma_decode")):
                 path = "wgmma_decode"
         elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m and (w_bits in d.wgmma_bits or expand)
               and _cdiv(m, 128) * _cdiv(n, tile_info(1, WGMMA_PATHS[d.wgmma_path], w_bits)[1])
@@ -215,6 +217,8 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
         if path == "wgmma_decode":
             splits = _splits(m, n, k, bits, bm, bn, bk, sms, d.wgmma_decode_blocks_per_sm, d,
                              d.wgmma_decode_partial_fraction)
+            per_split = _cdiv(_cdiv(k, bk), splits)
+            splits = _cdiv(_cdiv(k, bk), per_split)  # no split made only of padding steps past K
         return Plan(path, config, splits, bm, bn, bk, expand)
     if path == "decode":
         _, name, blocks_per_sm = next((b for b in d.decode_configs if m <= b[0]), d.decode_configs[-1])
@@ -244,11 +248,14 @@ def _w6_expand(m: int, d: GemmDispatch) -> bool:
 SPLIT_K_WGMMA = ("wgmma_decode",)  # the wgmma configurations with split-K (csrc/gemm_wgmma.cu)
 
 
-def plan_for_config(m: int, n: int, k: int, w_bits: int, config: str, splits: int) -> Plan:
+def plan_for_config(m: int, n: int, k: int, w_bits: int, config: str, splits: int,
+                    device: Optional[torch.device] = None) -> Plan:
     """The plan of decode configuration ``config`` (a name in :data:`DECODE_CONFIGS`, or a wgmma path of
     :data:`SPLIT_K_WGMMA`) with ``splits`` K splits, for ``int_gemm_out(..., plan_override=...)``; ValueError if
-    K has fewer stage tiles than splits."""
+    K has fewer stage tiles than splits; ops.Unsupported if a wgmma path cannot take the sizes on ``device``
+    (default: the current CUDA device)."""
     if config in SPLIT_K_WGMMA:
+        plan(m, n, k, w_bits, device or torch.device("cuda", torch.cuda.current_device()), config)  # or Unsupported
         path, cxx, index = config, 1, WGMMA_PATHS[config]
     else:
         path, cxx, index = "decode", 0, DECODE_CONFIGS[config][0]
@@ -264,13 +271,16 @@ _WGMMA_VERIFIED: dict[tuple[int, str], bool] = {}  # (device index, wgmma path) 
 
 
 _CHECK_SHAPES = ((200, 272, 544), (2048, 2048, 512))  # ragged last tiles; more tiles than SMs (persistence)
+_CHECK_SPLIT = (17, 272, 2080, 3)  # split-K paths also: 17 k-tiles in 3 splits of 6 (one padding step)
 
 
 def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1], path: str = "wgmma") -> Optional[str]:
     """None if the wgmma kernel (schedule ``path``) reproduces the mma kernel's int32 accumulator exactly on
-    ``shapes`` for both weight widths, else what went wrong. Syncs the host."""
+    ``shapes`` for both weight widths (and, for a split-K path, on _CHECK_SPLIT with its splits), else what
+    went wrong. Syncs the host."""
     gen = torch.Generator(device=device).manual_seed(1234)
-    for m, n, k in shapes:
+    cases = [(m, n, k, None) for m, n, k in shapes] + ([_CHECK_SPLIT] if path in SPLIT_K_WGMMA else [])
+    for m, n, k, splits in cases:
         for bits in (8, 6):
             lim = 128 if bits == 8 else 32
             q = torch.randint(-lim, lim, (n, k), dtype=torch.int8, device=device, generator=gen)
@@ -280,15 +290,18 @@ def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1], path: str = 
             got = torch.empty((m, n), dtype=torch.int32, device=device)
             want = torch.empty_like(got)
             try:
-                int_gemm_out(got, a, ones[:1], w, ones, None, bits, path=path)
+                run = (dict(path=path) if splits is None
+                       else dict(plan_override=plan_for_config(m, n, k, bits, path, splits, device)))
+                int_gemm_out(got, a, ones[:1], w, ones, None, bits, **run)
                 int_gemm_out(want, a, ones[:1], w, ones, None, bits, path="mma")
                 same = torch.equal(got, want)
             except Exception as e:  # a launch failure is reported, not raised: mma still works
                 return f"{type(e).__name__}: {e}"
             if not same:
                 bad = (got != want).sum().item()
-                return (f"{path}: {bad} of {m * n} accumulators differ from mma.sync at (M, N, K) = ({m}, {n}, {k}), "
-                        f"{bits}-bit")
+                how = "" if splits is None else f" with {splits} K splits"
+                return (f"{path}{how}: {bad} of {m * n} accumulators differ from mma.sync at (M, N, K) = "
+                        f"({m}, {n}, {k}), {bits}-bit")
     return None
 
 

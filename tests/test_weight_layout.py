@@ -276,10 +276,14 @@ for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
             out[(path, m, n, k)] = (p.path, p.config, p.bn)
         except ops.Unsupported as e:
             out[(path, m, n, k)] = "unsupported"
-for m, n, k in [(64, 4096, 4096), (1, 4096, 14336), (64, 14336, 4096)]:
+for m, n, k in [(64, 4096, 4096), (1, 4096, 14336), (64, 14336, 4096), (1, 3072, 4096)]:
     p = c.plan(m, n, k, 8, dev, "wgmma_decode")
     out[("wgmma_decode", m, n, k)] = (p.path, p.config, p.bm, p.bn, p.splits)
-p = c.plan_for_config(64, 4096, 2080, 6, "wgmma_decode", 5)
+try:
+    c.plan_for_config(64, 4104, 2080, 8, "wgmma_decode", 2, dev)
+except ops.Unsupported:
+    out["wgmma_decode-override-N"] = "unsupported"
+p = c.plan_for_config(64, 4096, 2080, 6, "wgmma_decode", 5, dev)
 out["wgmma_decode-override"] = (p.path, p.config, p.splits, p.bm)
 import os, dataclasses
 os.environ["HDRQ_W6_EXPAND"] = "1"
@@ -335,6 +339,9 @@ def test_cuda_glue_plans_on_cpu():
     assert out[("wgmma_decode", 1, 4096, 14336)] == ("wgmma_decode", 3, 64, 128, 8)    # 9 > partial buffer
     assert out[("wgmma_decode", 64, 14336, 4096)] == ("wgmma_decode", 3, 64, 128, 2)   # 112 x 3 > partial buffer
     assert out["wgmma_decode-override"] == ("wgmma_decode", 3, 5, 64)
+    assert out["wgmma_decode-override-N"] == "unsupported"                               # N % 16
+    # 32 k-tiles: the target 10 splits would be 4 k-tiles each with two splits all padding -> 8 splits of 4
+    assert out[("wgmma_decode", 1, 3072, 4096)] == ("wgmma_decode", 3, 64, 128, 8)
     # 6-bit expansion: forced on (8-bit weights never expand), forced off, and by GemmDispatch.w6_expand_min_m
     assert out["x8-forced"] == [("wgmma_pp", True), ("wgmma_pp", False)]
     assert out["x8-off"] is False and out["x8-min-m"] == [False, True]

@@ -142,14 +142,18 @@ def test_kernel_uses_the_simulated_protocol():
     src = W.SRC
     assert "mbar_init(&empty_bar[s], kPingPong ? 4 : 4 * T::kConsumers)" in src   # readers x warps
     assert "static constexpr int kConsumers = kDecode ? 1 : 2;" in src
-    # padding steps: the producer arrives without loading, the consumers issue no wgmma but commit
+    # padding steps: the producer arrives without loading; the consumers wait for them after the item's real
+    # steps and release them at once
     assert "if (ti.kt >= kt_total) {  // padding step: nothing to load\n          mbar_arrive(&full_bar[s]);" in src
-    assert "if (ti.kt + kt < kt_total) {  // (a padding step: an empty wgmma group)" in src
+    assert "const int kt_valid = min(kt_per_item, kt_total - ti.kt);" in src
+    assert ("for (int kt = max(kt_valid, 0); kt < kt_per_item; ++kt, ++f) {  // padding: nothing loaded, nothing "
+            "read\n        const int s = f % kStages;\n        mbar_wait(&full_bar[s], (f / kStages) & 1);\n"
+            "        if (lane == 0) mbar_arrive(&empty_bar[s]);") in src
     assert "mbar_init(&full_bar[s], BITS == 8 ? 1 : 128)" in src
     assert "mbar_init(&order_bar[0], 4);" in src and "mbar_init(&order_bar[1], 4);" in src
     assert "if (i > 0) mbar_wait(&order_bar[c], (c == 1 ? mine : mine - 1) & 1);" in src
     assert "mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);" in src
-    assert src.count("mbar_wait(&full_bar[s], (f / kStages) & 1);") == 2
+    assert src.count("mbar_wait(&full_bar[s], (f / kStages) & 1);") == 3  # cooperative, padding, ping-pong
     assert src.count("wgmma.wait_group.sync.aligned 1;") == 2
     pp = src[src.index(W.PINGPONG_BRANCH):]
     # ping-pong: the order arrive comes after the mainloop and before the final wait_group 0

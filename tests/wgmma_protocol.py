@@ -7,8 +7,8 @@ What the kernel's barriers must guarantee, and what :func:`simulate` checks on e
   completed, and finds step f's data in the stage (the parity wait cannot tell phase q from phase q - 2, so
   a consumer running too far ahead would pass early); the producer likewise passes `empty` on the phase
   that released the stage's previous step;
-* padding steps (split-K items past K: the producer arrives without loading, the consumers issue an empty
-  wgmma group) keep the phases in step;
+* padding steps (split-K items past K: the producer arrives without loading, the consumers wait for them
+  after their item's real steps and release them at once) keep the phases in step;
 * the data is still there when the warp releases the stage (no load lands while a wgmma may read it);
 * nothing deadlocks, and every step is produced and consumed once per consumer that needs it.
 
@@ -111,14 +111,21 @@ def _consumer_warp(st: _State, c: int, tiles: list[int], kt_total: int, pad):
                 parity = mine & 1
             yield lambda parity=parity: st.order[c].test_parity(parity)
         window = []  # (stage, step, group) whose wgmma may still be reading
-        for kt in range(kt_total):
-            f = i * kt_total + kt
+        steps = [i * kt_total + kt for kt in range(kt_total)]
+        real = [f for f in steps if not pad(f)]
+        assert real == steps[:len(real)], "padding steps come last in an item"
+
+        def wait_full(f):
             s = f % S
-            yield lambda s=s, f=f: st.full[s].test_parity((f // S) & 1)
+            yield lambda: st.full[s].test_parity((f // S) & 1)
             if st.full[s].phase != f // S + 1:
                 raise Violation(f"consumer {c} passed the full wait of step {f} (stage {s}) at phase "
                                 f"{st.full[s].phase}, not {f // S + 1}")
-            if not pad(f) and st.stage_data[s] != f:
+
+        for f in real:
+            s = f % S
+            yield from wait_full(f)
+            if st.stage_data[s] != f:
                 raise Violation(f"consumer {c} passed the full wait of step {f} (stage {s}) but the stage holds "
                                 f"step {st.stage_data[s]}")
             st.issued[c, group] = st.issued.get((c, group), 0) + 1
@@ -128,12 +135,15 @@ def _consumer_warp(st: _State, c: int, tiles: list[int], kt_total: int, pad):
             while len(window) > P.groups_in_flight:
                 s0, f0, g0 = window.pop(0)
                 yield lambda g0=g0: st.issued.get((c, g0), 0) == P.warps
-                _release(st, c, s0, f0, pad(f0))
+                _release(st, c, s0, f0)
         if P.pingpong and P.order_barrier:
             st.order[c ^ 1].arrive()
         for s0, f0, g0 in window:  # wait_group 0
             yield lambda g0=g0: st.issued.get((c, g0), 0) == P.warps
-            _release(st, c, s0, f0, pad(f0))
+            _release(st, c, s0, f0)
+        for f in steps[len(real):]:  # padding steps: wait, then release at once (nothing was loaded or read)
+            yield from wait_full(f)
+            _release(st, c, f % S, f, padding=True)
 
 
 def _release(st: _State, c: int, s: int, f: int, padding: bool = False):
