@@ -198,7 +198,8 @@ def main():
                     variants += [("wgmma_decode", None)]
                 else:
                     large = [p for p in hc.WGMMA_PATHS if p != "wgmma_decode"]
-                    variants += [("mma", None)] + [(p, False) for p in large]
+                    variants += [("mma", None)] + [(p, False) for p in large
+                                                   if not (bits == 6 and p in hc.EIGHT_BIT_ONLY)]
                     if bits == 6:  # 6-bit weights expanded to int8 by one pass, then the 8-bit wgmma kernel
                         variants += [(p, True) for p in large]
                 for path, expand in variants:
@@ -223,8 +224,9 @@ def main():
              f"decode, as in a model). TOPS = 2*M*N*K/t; GB/s counts weight bytes only (bf16 2 B, fp8/int8 1 B, "
              f"int6 0.75 B per weight). 'plan' is the hdrq kernel path, output tile and K splits; rows "
              f"'[mma]' / '[wgmma]' / '[wgmma_pp]' / '[wgmma256]' / '[wgmma_decode]' force that path (wgmma_pp: the "
-             f"ping-pong consumer schedule; wgmma256: 128x256 tiles; wgmma_decode: 64x128 tiles with split-K, at "
-             f"M <= 64; 'auto' uses GemmDispatch); ' x8' (W6A6): the 6-bit weights expanded to int8 by one pass on every "
+             f"ping-pong consumer schedule; wgmma256: 128x256 tiles; wgmma_mc: 128x256 tiles in 2-CTA clusters "
+             f"multicasting the weights, 8-bit kernel; wgmma_decode: 64x128 tiles with split-K, at M <= 64; "
+             f"'auto' uses GemmDispatch); ' x8' (W6A6): the 6-bit weights expanded to int8 by one pass on every "
              f"call (included in the time), then the 8-bit kernel. {wgmma_note}.{dispatch_note}")
     write(args.out, [section("GEMM y = x W^T: hdrq W8A8 / W6A6 vs cuBLAS bf16, FP8 row-wise, int8 _int_mm",
                              ["M", "N x K", "impl", "plan", "us", "TOPS", "weight GB/s", "x bf16"], rows, notes)],

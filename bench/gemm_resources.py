@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = [("sm_80", "-gencode=arch=compute_80,code=sm_80"), ("sm_90a", "-gencode=arch=compute_90a,code=sm_90a")]
-WGMMA_NAMES = ["cooperative", "ping-pong", "cooperative 128x256", "decode 64x128"]  # csrc/gemm.h WgmmaConfig
+WGMMA_NAMES = ["cooperative", "ping-pong", "cooperative 128x256", "decode 64x128", "cluster 128x256 multicast"]  # csrc/gemm.h WgmmaConfig
 SASS_OPS = ["IMMA", "IGMMA", "LDSM", "LDGSTS", "UTMALDG", "UBLKCP", "LDL", "STL"]
 
 DRIVER = r"""
@@ -179,6 +179,8 @@ def main():
     cfg_names = ["Decode16", "Decode32", "Decode64", "Tile64", "Tile128", "Decode16K256", "Decode16Deep",
                  "Decode32N128", "Decode64N128"]
     for (kind, c, bits), (bm, bn, bk, threads, smem) in sorted(shapes.items()):
+        if bm == 0:
+            continue  # a configuration that does not take this weight width
         name = (cfg_names[c] if c < len(cfg_names) else c) if kind == "mma" else f"persistent, {WGMMA_NAMES[c]}"
         out.append(f"| {kind} | {name} | {bits} | {bm} | {bn} | {bk} | {threads} | {smem} |")
     out += ["", "Compile time on this machine (`nvcc -O3`, sm_80 + sm_90a, one file at a time): " +

@@ -26,6 +26,7 @@ CALLS = [
     ("W8A8 wgmma cooperative", "wgmma", 8, 2048, 4096, 4096),
     ("W8A8 wgmma ping-pong", "wgmma_pp", 8, 2048, 4096, 4096),
     ("W8A8 wgmma 128x256", "wgmma256", 8, 2048, 4096, 4096),
+    ("W8A8 wgmma 128x256 cluster multicast", "wgmma_mc", 8, 2048, 4096, 4096),
     ("W6A6 wgmma cooperative", "wgmma", 6, 2048, 4096, 4096),
     ("W8A8 mma", "mma", 8, 2048, 4096, 4096),
     ("W8A8 decode M=64", "decode", 8, 64, 4096, 4096),

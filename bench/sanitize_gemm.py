@@ -42,6 +42,9 @@ CASES = [
     ("wgmma256", 8, 200, 272, 544, 1),   # a partial 256-wide tile
     ("wgmma256", 6, 130, 400, 288, 1),
     ("wgmma256", 8, 1100, 4128, 64, 1),  # 153 tiles > SMs
+    ("wgmma_mc", 8, 200, 272, 544, 1),   # a cluster pair: ragged M, N and K
+    ("wgmma_mc", 8, 130, 400, 96, 1),    # odd M-tile count: the pair's second CTA is past M
+    ("wgmma_mc", 8, 2200, 2064, 64, 1),  # 153 pairs > clusters: pairs walked persistently
     ("wgmma_decode", 8, 1, 272, 544, 3),  # split-K with a padding step
     ("wgmma_decode", 6, 17, 144, 288, 2),
     ("wgmma_decode", 8, 64, 4096, 1024, 8),  # 256 items: two CTAs per SM, counters shared by the splits

@@ -80,7 +80,8 @@ enum WgmmaConfig : int {
   kWgmmaPingPong = 1,     // consumers on alternate tiles (128 rows each); one's epilogue under the other's MMAs
   kWgmmaCooperative256 = 2,  // cooperative with 128 x 256 tiles: a third less L2 and shared-memory traffic per op
   kWgmmaDecode64 = 3,        // M <= 64: 64 x 128 tiles, one consumer, split-K, two CTAs per SM
-  kWgmmaNumConfigs = 4,
+  kWgmmaCluster256 = 4,      // 128 x 256 tiles in clusters of two M-tiles sharing (multicasting) the weights; 8-bit
+  kWgmmaNumConfigs = 5,
 };
 TileShape wgmma_tile_shape(int config, int w_bits);
 bool wgmma_supports(const GemmArgs& args, int config);

@@ -56,8 +56,13 @@ struct WgTraits {
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kMinBlocks = kDecode ? 2 : 1;
   static constexpr int kAStageBytes = kBM * kBK;  // 8 or 16 KB
-  static constexpr int kBN = CONFIG == kWgmmaCooperative256 ? 256 : 128;
-  static constexpr int kStages = (CONFIG == kWgmmaCooperative256 || kDecode) && BITS == 6 ? 3 : 4;
+  // Cluster of two CTAs on vertically adjacent tiles (M-tiles 2i, 2i+1 of one N-tile): each loads half of the
+  // weight stage and multicasts it to both, halving the weight traffic from L2. 8-bit weights only.
+  static constexpr bool kMulticast = CONFIG == kWgmmaCluster256;
+  static constexpr int kClusterSize = kMulticast ? 2 : 1;
+  static constexpr bool kWide = CONFIG == kWgmmaCooperative256 || kMulticast;
+  static constexpr int kBN = kWide ? 256 : 128;
+  static constexpr int kStages = (kWide || kDecode) && BITS == 6 ? 3 : 4;
   static constexpr int kPanels = kBN / layout::kPanelRows;                          // 8 or 16 per tile
   static constexpr int kBStageBytes = kBKU * kPanels * 4 * layout::kPlaneBytes;    // 16 or 32 KB (int8)
   static constexpr int kStagingBytes = kBKU * kPanels * 3 * layout::kPlaneBytes;   // packed 6-bit units
@@ -67,7 +72,7 @@ struct WgTraits {
   // registers, and the cooperative kernel keeps the register allocation it was measured with).
   static constexpr bool kSplitK = kDecode;
   // Configurations whose consumers hold 128 accumulators reallocate registers (setmaxnreg).
-  static constexpr bool kRealloc = CONFIG == kWgmmaPingPong || CONFIG == kWgmmaCooperative256;
+  static constexpr bool kRealloc = CONFIG == kWgmmaPingPong || kWide;
   static constexpr int kSmemBytes = 1024 /* alignment slack: 128B-swizzled TMA tiles need 1024-byte aligned stages */ +
                                     kStages * (kAStageBytes + kBStageBytes) + (BITS == 6 ? kSlots * kStagingBytes : 0);
   static_assert(kItems % 128 == 0, "every producer thread expands the same number of quads");
@@ -134,6 +139,40 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                    smem_addr(dst)),
                "l"(src), "r"(bytes), "r"(smem_addr(bar))
                : "memory");
+}
+
+// The same bulk copy, written at the same shared-memory offset of every CTA in cta_mask (of the cluster),
+// each completing on its own mbarrier at bar's offset.
+__device__ __forceinline__ void bulk_load_multicast(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                                    uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], "
+      "%4;\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "h"(cta_mask)
+      : "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+
+// Arrive on the mbarrier at bar's offset in CTA `rank` of the cluster (release at cluster scope).
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(rank)
+      : "memory");
+}
+
+// Every thread of both CTAs of the cluster (not .aligned: threads may reach it from different places).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -293,9 +332,23 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
   const int num_tiles = m_tiles * ceil_div(p.n, kBN);
   const int kt_total = ceil_div(p.k, kBK);
   const int kt_per_item = ceil_div(kt_total, p.splits);
-  const int num_items = num_tiles * p.splits;
-  const int my_items = int(blockIdx.x) < num_items ? (num_items - 1 - int(blockIdx.x)) / int(gridDim.x) + 1 : 0;
+  // Work items of this CTA (a cluster: of its cluster, the same for both CTAs): (tile, split), or, with
+  // multicast, (pair of M-tiles, N-tile) of which CTA `rank` takes M-tile 2 * pair + rank.
+  const uint32_t rank = T::kMulticast ? cluster_ctarank() : 0;
+  const int m_pairs = ceil_div(m_tiles, 2);
+  const int num_items = T::kMulticast ? m_pairs * ceil_div(p.n, kBN) : num_tiles * p.splits;
+  const int walker = int(blockIdx.x) / T::kClusterSize, walkers = int(gridDim.x) / T::kClusterSize;
+  const int my_items = walker < num_items ? (num_items - 1 - walker) / walkers + 1 : 0;
   const int steps = my_items * kt_per_item;
+  auto step = [&](int f) -> TileIndex {
+    if constexpr (T::kMulticast) {
+      const int item = walker + (f / kt_per_item) * walkers;
+      const int pair = item % m_pairs, nt = item / m_pairs;
+      return TileIndex{(2 * pair + int(rank)) * kBM, nt * kBN, f % kt_per_item, 0, 0};
+    } else {
+      return step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
+    }
+  };
   const int full_panels = p.n / layout::kPanelRows;
   const int full_units = p.k / layout::kUnitK;
   const layout::Geometry geo = layout::geometry(BITS, p.n, p.k);
@@ -304,23 +357,31 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full_bar[s], BITS == 8 ? 1 : 128);
-      mbar_init(&empty_bar[s], kPingPong ? 4 : 4 * T::kConsumers);  // lane 0 of each warp of its reader(s)
+      // lane 0 of each warp of its reader(s), in every CTA of the cluster (multicast writes into all of them)
+      mbar_init(&empty_bar[s], (kPingPong ? 4 : 4 * T::kConsumers) * T::kClusterSize);
     }
     mbar_init(&order_bar[0], 4);
     mbar_init(&order_bar[1], 4);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (T::kMulticast) {
+    cluster_sync();  // the peer's barriers are initialised before anyone arrives on them or multicasts
+  } else {
+    __syncthreads();
+  }
 
   if (wg == 0) {
     // ================================ producer ================================
     if constexpr (T::kRealloc) setmaxnreg_dec<kProducerRegs<BITS>>();
     if (BITS == 8) {
-      if (tid != 0) return;
+      if (tid != 0) {
+        if constexpr (T::kMulticast) cluster_sync();
+        return;
+      }
       for (int f = 0; f < steps; ++f) {
         const int s = f % kStages;
         mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
-        const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
+        const TileIndex ti = step(f);
         if (ti.kt >= kt_total) {  // padding step: nothing to load
           mbar_arrive(&full_bar[s]);
           continue;
@@ -328,17 +389,29 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
         const int p0 = ti.n0 / layout::kPanelRows;
         const int panels = min(kPanels, full_panels - p0);
         const int units = min(kBKU, full_units - ti.kt * kBKU);
-        mbar_arrive_expect_tx(&full_bar[s], kAStageBytes + units * panels * 4 * layout::kPlaneBytes);
-        tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
-        for (int ku = 0; ku < units; ++ku)
-          bulk_load(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes,
-                    p.w + layout::unit_offset(8, geo, ti.kt * kBKU + ku, p0), panels * 4 * layout::kPlaneBytes,
-                    &full_bar[s]);
+        if constexpr (T::kMulticast) {
+          // This CTA's A tile (none when its M-tile is past M: the odd last tile of a pair) and the whole B
+          // stage, half of which the peer multicasts; this CTA multicasts k-units [2 * rank, 2 * rank + 2).
+          const bool has_a = ti.m0 < p.m;
+          mbar_arrive_expect_tx(&full_bar[s], (has_a ? kAStageBytes : 0) + units * panels * 4 * layout::kPlaneBytes);
+          if (has_a) tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
+          for (int ku = int(rank) * (kBKU / 2); ku < min(units, (int(rank) + 1) * (kBKU / 2)); ++ku)
+            bulk_load_multicast(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes,
+                                p.w + layout::unit_offset(8, geo, ti.kt * kBKU + ku, p0),
+                                panels * 4 * layout::kPlaneBytes, &full_bar[s], uint16_t(0x3));
+        } else {
+          mbar_arrive_expect_tx(&full_bar[s], kAStageBytes + units * panels * 4 * layout::kPlaneBytes);
+          tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
+          for (int ku = 0; ku < units; ++ku)
+            bulk_load(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes,
+                      p.w + layout::unit_offset(8, geo, ti.kt * kBKU + ku, p0), panels * 4 * layout::kPlaneBytes,
+                      &full_bar[s]);
+        }
       }
     } else {
       // Thread t copies (and later expands) items t and t + 128: item = (unit, 16-byte quad of lanes).
       auto issue = [&](int f) {
-        const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
+        const TileIndex ti = step(f);
         const int p0 = ti.n0 / layout::kPanelRows;
         uint8_t* slot = staging + (f % kSlots) * kStagingBytes;
 #pragma unroll
@@ -364,7 +437,7 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
         cp_async_wait<kLookahead>();  // this thread's copies of step f have landed
         const int s = f % kStages;
         mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
-        const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
+        const TileIndex ti = step(f);
         const int p0 = ti.n0 / layout::kPanelRows;
         const uint8_t* slot = staging + (f % kSlots) * kStagingBytes;
 #pragma unroll
@@ -398,6 +471,7 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
       }
       cp_async_wait<0>();
     }
+    if constexpr (T::kMulticast) cluster_sync();
     return;
   }
 
@@ -433,6 +507,16 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
   auto b_desc = [&](int s, int ku) {
     return smem_desc(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes, layout::kPlaneBytes,
                      2 * layout::kPlaneBytes, 0);
+  };
+  // Lane 0 of a consumer warp: this warp is done reading stage s (with multicast, in both CTAs' barriers:
+  // either producer's next multicast writes into this CTA's stage).
+  auto release = [&](int s) {
+    if constexpr (T::kMulticast) {
+      mbar_arrive_cluster(&empty_bar[s], 0);
+      mbar_arrive_cluster(&empty_bar[s], 1);
+    } else {
+      mbar_arrive(&empty_bar[s]);
+    }
   };
 
   // Split-K (p.splits > 1): every split stores its int32 partial tile; the last to arrive (counted in
@@ -479,7 +563,7 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
     int32_t acc[T::kAcc];
     int f = 0;
     for (int i = 0; i < my_items; ++i) {
-      const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
+      const TileIndex ti = step(f);
 #pragma unroll
       for (int r = 0; r < T::kAcc; ++r) acc[r] = 0;
       // Steps before K ends, then the item's padding steps (split-K only). Two loops, no branch around the
@@ -496,16 +580,16 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // the previous stage's group is done
         fence_operands(acc);
-        if (prev >= 0 && lane == 0) mbar_arrive(&empty_bar[prev]);
+        if (prev >= 0 && lane == 0) release(prev);
         prev = s;
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
       fence_operands(acc);
-      if (prev >= 0 && lane == 0) mbar_arrive(&empty_bar[prev]);
+      if (prev >= 0 && lane == 0) release(prev);
       for (int kt = max(kt_valid, 0); kt < kt_per_item; ++kt, ++f) {  // padding: nothing loaded, nothing read
         const int s = f % kStages;
         mbar_wait(&full_bar[s], (f / kStages) & 1);
-        if (lane == 0) mbar_arrive(&empty_bar[s]);
+        if (lane == 0) release(s);
       }
       if constexpr (T::kSplitK) {
         if (p.splits > 1 && !reduce_splits(acc, ti)) continue;
@@ -518,7 +602,7 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
     int32_t acc0[64], acc1[64];  // rows 0-63 and 64-127 of the tile
     for (int i = c, mine = 0; i < my_items; i += 2, ++mine) {  // p.splits == 1 here (host check)
       int f = i * kt_per_item;
-      const TileIndex ti = step_of<kBM, kBN>(f, kt_per_item, m_tiles, num_tiles);
+      const TileIndex ti = step(f);
 #pragma unroll
       for (int r = 0; r < 64; ++r) acc0[r] = acc1[r] = 0;
       // order_bar[c] completes once per mainloop of the other consumer: consumer 1's tile number `mine` needs
@@ -554,6 +638,7 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
       epilogue(acc1, ti.m0 + 64, ti.n0);
     }
   }
+  if constexpr (T::kMulticast) cluster_sync();  // the peer may still arrive on this CTA's barriers until then
 #else
   // Built without sm_90a features (the sm_80 pass, or a plain sm_90 target): never run silently empty.
   __trap();
@@ -610,6 +695,24 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
     }();
     if (regs != kLaunchRegs) return cudaErrorNotSupported;
   }
+  if constexpr (T::kMulticast) {
+    // Clusters of two CTAs over pairs of M-tiles: as many clusters as pairs, up to half the SMs.
+    const int pairs = ceil_div(ceil_div(args.m, T::kBM), 2) * ceil_div(args.n, T::kBN);
+    const int clusters = pairs < sms / 2 ? pairs : sms / 2;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(2 * clusters);
+    cfg.blockDim = dim3(T::kThreads);
+    cfg.dynamicSmemBytes = T::kSmemBytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, args, tmap);
+  }
   const int items = ceil_div(args.m, T::kBM) * ceil_div(args.n, T::kBN) * args.splits;
   const int slots = T::kMinBlocks * sms;
   kernel<<<items < slots ? items : slots, T::kThreads, T::kSmemBytes, stream>>>(args, tmap);
@@ -632,13 +735,16 @@ TileShape wgmma_tile_shape(int config, int w_bits) {
     case 4: return shape(WgTraits<6, kWgmmaCooperative256>{});
     case 5: return shape(WgTraits<8, kWgmmaCooperative256>{});
     case 6: return shape(WgTraits<6, kWgmmaDecode64>{});
-    default: return shape(WgTraits<8, kWgmmaDecode64>{});
+    case 7: return shape(WgTraits<8, kWgmmaDecode64>{});
+    case 8: return TileShape{0, 0, 0, 0, 0};  // the cluster configuration takes 8-bit weights only
+    default: return shape(WgTraits<8, kWgmmaCluster256>{});
   }
 }
 
 bool wgmma_supports(const GemmArgs& a, int config) {
   const bool split_ok =
       a.splits == 1 || (config == kWgmmaDecode64 && a.splits > 1 && a.partials != nullptr && a.counters != nullptr);
+  if (config == kWgmmaCluster256 && a.w_bits != 8) return false;
   return (a.w_bits == 6 || a.w_bits == 8) && a.n % layout::kPanelRows == 0 && a.k % layout::kUnitK == 0 &&
          a.lda % 16 == 0 && reinterpret_cast<uintptr_t>(a.a) % 16 == 0 && split_ok && config >= 0 &&
          config < kWgmmaNumConfigs;
@@ -660,6 +766,7 @@ cudaError_t launch_gemm_wgmma(const GemmArgs& args, int config, cudaStream_t str
                             : launch<6, kWgmmaCooperative256>(args, stream);
   if (config == kWgmmaDecode64)
     return args.w_bits == 8 ? launch<8, kWgmmaDecode64>(args, stream) : launch<6, kWgmmaDecode64>(args, stream);
+  if (config == kWgmmaCluster256) return launch<8, kWgmmaCluster256>(args, stream);
   return args.w_bits == 8 ? launch<8, kWgmmaCooperative>(args, stream) : launch<6, kWgmmaCooperative>(args, stream);
 }
 

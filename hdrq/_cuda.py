@@ -17,7 +17,10 @@ Kernel paths (``csrc/gemm_mma.cu``):
   epilogue under the other's mainloop);
 * ``wgmma256``: cooperative with 128x256 tiles (a third less L2 and shared-memory traffic per operation);
 * ``wgmma_decode``: 64x128 tiles, one consumer warpgroup, two CTAs per SM and split-K: the weight stream of
-  M <= 64 on Hopper through ``wgmma`` instead of ``mma.sync``.
+  M <= 64 on Hopper through ``wgmma`` instead of ``mma.sync``;
+* ``wgmma_mc``: 128x256 tiles in clusters of two CTAs on adjacent M-tiles, each loading half of the weight
+  stage and multicasting it to both (half the weight traffic from L2); 8-bit weights (6-bit ones are
+  expanded first).
 
 6-bit weights on a wgmma path either expand inside the kernel's producer or, with *expansion* (``Plan.expand``,
 ``GemmDispatch.w6_expand_min_m``, env ``HDRQ_W6_EXPAND=1|0`` to force it on or off), are first expanded to the
@@ -25,7 +28,7 @@ Kernel paths (``csrc/gemm_mma.cu``):
 buffer of N*K bytes, and the 8-bit kernel runs.
 
 The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma`` | ``wgmma_pp`` |
-``wgmma256`` | ``wgmma_decode``, read on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
+``wgmma256`` | ``wgmma_decode`` | ``wgmma_mc``, read on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
 one place).
 A forced path that cannot take the inputs raises ``hdrq.ops.Unsupported`` (the reference runs, with a
 warning), never a wrong answer. Before ``auto`` first sends a call to ``wgmma`` on a device, it checks that
@@ -47,9 +50,10 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library: registers the hdrq_C ops)
 from . import ops
 
-PATHS = ("auto", "decode", "mma", "wgmma", "wgmma_pp", "wgmma256", "wgmma_decode")
-_CXX_PATH = {"decode": 0, "mma": 0, "wgmma": 1, "wgmma_pp": 1, "wgmma256": 1, "wgmma_decode": 1}  # 0: mma.sync
-WGMMA_PATHS = {"wgmma": 0, "wgmma_pp": 1, "wgmma256": 2, "wgmma_decode": 3}  # path -> csrc/gemm.h WgmmaConfig
+WGMMA_PATHS = {"wgmma": 0, "wgmma_pp": 1, "wgmma256": 2, "wgmma_decode": 3, "wgmma_mc": 4}  # -> WgmmaConfig
+PATHS = ("auto", "decode", "mma", *WGMMA_PATHS)
+_CXX_PATH = {"decode": 0, "mma": 0, **{path: 1 for path in WGMMA_PATHS}}  # 0: the mma.sync kernels
+EIGHT_BIT_ONLY = ("wgmma_mc",)  # 6-bit weights on these paths are always expanded first (Plan.expand)
 # Config indices of hdrq_C path 0 (csrc/gemm.h, MmaConfig)
 _TILE64, _TILE128 = 3, 4
 # Decode configurations (csrc/gemm.h, MmaConfig): name -> (index, largest M it takes). Several per M
@@ -91,10 +95,11 @@ class GemmDispatch:
     256: measured on an H100 (bench/RESULTS.md, 2026-11-26), W8A8 wgmma beats mma from M = 256 (84 vs 108 us on
     4096x14336) to M = 8192 (1287 vs 2452 us); M in (64, 256) was not measured."""
     wgmma_path: str = "wgmma"
-    """Which wgmma configuration ``auto`` uses: ``"wgmma"`` (cooperative 128x128, measured above),
-    ``"wgmma_pp"`` (ping-pong) or ``"wgmma256"`` (cooperative 128x256). The last two were written 2026-11-27
-    without a GPU: exact on the CPU emulation, the barrier protocol simulated, not yet run or timed on a GPU;
-    bench_gemm times every one as forced rows and its note says which to pick."""
+    """Which wgmma configuration ``auto`` uses for M >= wgmma_min_m: ``"wgmma"`` (cooperative 128x128, measured
+    above), ``"wgmma_pp"`` (ping-pong), ``"wgmma256"`` (cooperative 128x256) or ``"wgmma_mc"`` (128x256 in
+    2-CTA clusters with weight multicast). The last three were written 2026-11-27 without a GPU: exact on the
+    CPU emulation, the barrier protocol simulated, not yet run or timed on a GPU; bench_gemm times every one
+    as forced rows."""
     w6_expand_min_m: Optional[int] = None
     """6-bit weights at M >= this take a wgmma path with expansion (see the module docstring); None: never
     under ``auto``. Off until measured: the pass costs ~N*K*1.75 bytes of traffic (~35 us on 14336 x 4096 at
@@ -192,15 +197,20 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
     if path not in PATHS:
         raise ValueError(f"HDRQ_GEMM_PATH must be one of {PATHS}, got {path!r}")
     wgmma_ok = cc == 90 and n % 16 == 0 and k % 32 == 0 and a_aligned
-    expand = w_bits == 6 and _w6_expand(m, d)
+    expand_wanted = w_bits == 6 and _w6_expand(m, d)
+
+    def kernel_bits(wgmma_path: str) -> int:  # the weight width the wgmma kernel runs on that path
+        return 8 if w_bits == 6 and (expand_wanted or wgmma_path in EIGHT_BIT_ONLY) else w_bits
+
     if path == "auto":
         if m <= d.decode_max_m:
             path = "decode"
             if (d.wgmma_decode_max_m is not None and m <= d.wgmma_decode_max_m and wgmma_ok
                     and w_bits in d.wgmma_decode_bits and _wgmma_verified(device, "wgmma_decode")):
                 path = "wgmma_decode"
-        elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m and (w_bits in d.wgmma_bits or expand)
-              and _cdiv(m, 128) * _cdiv(n, tile_info(1, WGMMA_PATHS[d.wgmma_path], w_bits)[1])
+        elif (d.wgmma_min_m is not None and wgmma_ok and m >= d.wgmma_min_m
+              and (w_bits in d.wgmma_bits or expand_wanted)
+              and _cdiv(m, 128) * _cdiv(n, tile_info(1, WGMMA_PATHS[d.wgmma_path], kernel_bits(d.wgmma_path))[1])
               >= d.wgmma_min_waves * sms
               and _wgmma_verified(device, d.wgmma_path)):
             path = d.wgmma_path
@@ -211,7 +221,8 @@ def plan(m: int, n: int, k: int, w_bits: int, device: torch.device, path: str = 
             raise ops.Unsupported(f"the wgmma path needs an sm_90 GPU, N % 16 == 0, K % 32 == 0 and 16-byte aligned "
                                   f"A rows; got compute capability {cc // 10}.{cc % 10}, N={n}, K={k}")
         config = WGMMA_PATHS[path]
-        bits = 8 if expand else w_bits
+        bits = kernel_bits(path)
+        expand = bits != w_bits
         bm, bn, bk = tile_info(1, config, bits)[:3]
         splits = 1
         if path == "wgmma_decode":

@@ -18,8 +18,9 @@ from hdrq import reference as ref
 
 pytestmark = pytest.mark.cuda
 
-# wgmma_pp: ping-pong; wgmma256: 128x256 tiles; wgmma_decode: 64x128 tiles with split-K (csrc/gemm.h WgmmaConfig)
-KERNEL_PATHS = ["decode", "mma", "wgmma", "wgmma_pp", "wgmma256", "wgmma_decode"]
+# wgmma_pp: ping-pong; wgmma256: 128x256 tiles; wgmma_decode: 64x128 tiles with split-K; wgmma_mc: 128x256 tiles
+# in 2-CTA clusters with weight multicast, 8-bit (6-bit weights expanded first) (csrc/gemm.h WgmmaConfig)
+KERNEL_PATHS = ["decode", "mma", "wgmma", "wgmma_pp", "wgmma256", "wgmma_decode", "wgmma_mc"]
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +190,9 @@ def test_int32_output_poisoned(cuda_backend, force_path, path):
     assert torch.equal(out, ref.int_matmul_acc(a, q))
 
 
-@pytest.mark.parametrize("path", ["wgmma", "wgmma_pp", "wgmma256"])
+@pytest.mark.parametrize("path", ["wgmma", "wgmma_pp", "wgmma256", "wgmma_mc"])
 @pytest.mark.parametrize("bits", [6, 8])
-@pytest.mark.parametrize("m,n,k", [(4000, 4000, 96), (3000, 1040, 1000)])
+@pytest.mark.parametrize("m,n,k", [(4000, 4000, 96), (3000, 1040, 1000), (2176, 4096, 256)])
 def test_wgmma_many_tiles_per_cta(cuda_backend, force_path, path, bits, m, n, k):
     """More output tiles than SMs (the persistent CTAs walk 2-8 tiles each, so both ping-pong consumers and
     their order barrier take turns), ragged last tiles: exact accumulator, and the bf16 epilogue with
@@ -374,7 +375,7 @@ def test_concurrent_streams(cuda_backend):
 
 
 @pytest.mark.parametrize("m,path", [(1, "auto"), (16, "auto"), (300, "auto"), (300, "wgmma"), (300, "wgmma_pp"),
-                                    (300, "wgmma256"), (1, "wgmma_decode"), (64, "wgmma_decode")])
+                                    (300, "wgmma256"), (1, "wgmma_decode"), (64, "wgmma_decode"), (300, "wgmma_mc")])
 def test_cuda_graph_capture(cuda_backend, force_path, m, path):
     force_path(path)
     q, w = weights(4096, 4096, 6)
@@ -439,7 +440,7 @@ def test_auto_dispatch_uses_kernels(cuda_backend, wgmma_canary, monkeypatch):
         assert cuda_backend.PATH_CALLS[path] == before + 1
 
 
-@pytest.mark.parametrize("wgmma_path", ["wgmma", "wgmma_pp", "wgmma256"])
+@pytest.mark.parametrize("wgmma_path", ["wgmma", "wgmma_pp", "wgmma256", "wgmma_mc"])
 def test_auto_dispatch_to_wgmma(cuda_backend, force_path, monkeypatch, wgmma_path):
     """With a crossover set, auto sends large M to the chosen wgmma schedule (after its first-use check) on
     Hopper only."""

@@ -248,14 +248,16 @@ lib.define("int_gemm(Tensor(a!) out, Tensor a_q, Tensor a_scale, Tensor w, Tenso
 lib.define("gemm_info(int path, int config, int w_bits) -> int[]")
 lib.define("expand_w6(Tensor(a!) w8, Tensor w6, int n, int k) -> ()")
 COUNTERS = 1 << int(re.search(r"kSplitKCounters = 1 << (\d+);", (E.CSRC / "gemm.h").read_text()).group(1))
-WIDE, NARROW = (int(x) for x in re.search(r"kBN = CONFIG == kWgmmaCooperative256 \? (\d+) : (\d+);",
+WIDE, NARROW = (int(x) for x in re.search(r"kBN = kWide \? (\d+) : (\d+);",
                                             (E.CSRC / "gemm_wgmma.cu").read_text()).groups())
 DECODE_BM = int(re.search(r"kBM = kDecode \? (\d+) : 128;", (E.CSRC / "gemm_wgmma.cu").read_text()).group(1))
 def gemm_info(path, config, w_bits):
     if path == 1:
         if config == 3:
             return [DECODE_BM, NARROW, 128, 256, 0, COUNTERS]
-        return [128, WIDE if config == 2 else NARROW, 128, 384, 0, COUNTERS]
+        if config == 4 and w_bits == 6:
+            return [0, 0, 0, 0, 0, COUNTERS]  # the cluster configuration takes 8-bit weights only
+        return [128, WIDE if config in (2, 4) else NARROW, 128, 384, 0, COUNTERS]
     t = E.traits(config, w_bits)
     return [t.BM, t.BN, t.BK, t.threads, t.STAGES * t.stage_bytes, COUNTERS]
 lib.impl("gemm_info", gemm_info, "CompositeExplicitAutograd")
@@ -270,7 +272,7 @@ for m, n, k, bits in [(1, 4096, 4096, 6), (1, 14336, 4096, 8), (16, 4096, 4096, 
     p = c.plan(m, n, k, bits, dev)
     out[(m, n, k, bits)] = (p.path, p.bm, p.bn, p.splits)
 for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
-    for path in ("wgmma", "wgmma_pp", "wgmma256"):
+    for path in ("wgmma", "wgmma_pp", "wgmma256", "wgmma_mc"):
         try:
             p = c.plan(m, n, k, 8, dev, path)
             out[(path, m, n, k)] = (p.path, p.config, p.bn)
@@ -285,6 +287,8 @@ except ops.Unsupported:
     out["wgmma_decode-override-N"] = "unsupported"
 p = c.plan_for_config(64, 4096, 2080, 6, "wgmma_decode", 5, dev)
 out["wgmma_decode-override"] = (p.path, p.config, p.splits, p.bm)
+p = c.plan(2048, 4096, 4096, 6, dev, "wgmma_mc")
+out["wgmma_mc-6bit"] = (p.path, p.config, p.bn, p.expand)
 import os, dataclasses
 os.environ["HDRQ_W6_EXPAND"] = "1"
 out["x8-forced"] = [(p.path, p.expand) for p in (c.plan(2048, 4096, 4096, b, dev, "wgmma_pp") for b in (6, 8))]
@@ -330,7 +334,9 @@ def test_cuda_glue_plans_on_cpu():
     assert out[("wgmma", 2048, 4096, 4096)] == ("wgmma", 0, 128)          # WgmmaConfig: cooperative
     assert out[("wgmma_pp", 2048, 4096, 4096)] == ("wgmma_pp", 1, 128)    # ping-pong
     assert out[("wgmma256", 2048, 4096, 4096)] == ("wgmma256", 2, 256)    # cooperative, 128 x 256
-    for path in ("wgmma", "wgmma_pp", "wgmma256"):
+    assert out[("wgmma_mc", 2048, 4096, 4096)] == ("wgmma_mc", 4, 256)    # clusters with weight multicast
+    assert out["wgmma_mc-6bit"] == ("wgmma_mc", 4, 256, True)             # 8-bit only: 6-bit is expanded first
+    for path in ("wgmma", "wgmma_pp", "wgmma256", "wgmma_mc"):
         assert out[(path, 2048, 4104, 4096)] == "unsupported"       # N % 16
         assert out[(path, 2048, 4096, 4100)] == "unsupported"       # K % 32
     assert out["a100-wgmma"] == "unsupported" and out["a100-auto"] == "mma"

@@ -29,6 +29,15 @@ def test_emulated_wgmma_accumulator_is_exact(schedule, bits, m, n, k, grid):
     assert np.array_equal(W.run_kernel(P, grid, schedule), expect)
 
 
+@pytest.mark.parametrize("m,n,k,grid", [(200, 272, 544, 2), (1, 16, 32, 2), (130, 400, 96, 4), (300, 512, 160, 2),
+                                        (520, 272, 64, 6)])
+def test_emulated_cluster_kernel_is_exact(m, n, k, grid):
+    """The 2-CTA cluster configuration: pairs of M-tiles (an odd last pair: the second CTA loads no A and
+    stores nothing), weight halves multicast by each CTA (covering every unit once), 8-bit."""
+    P, expect = problem(m, n, k, 8)
+    assert np.array_equal(W.run_kernel(P, grid, "cluster256"), expect)
+
+
 @pytest.mark.parametrize("schedule", ["decode64"])
 @pytest.mark.parametrize("bits", [8, 6])
 @pytest.mark.parametrize("m,n,k,grid,splits", [(1, 272, 544, 3, 2), (64, 48, 1056, 5, 3), (17, 144, 672, 2, 6),
@@ -109,24 +118,28 @@ def test_tma_swizzle_round_trip():
 import wgmma_protocol as WP  # noqa: E402
 
 
-@pytest.mark.parametrize("kind", ["cooperative", "pingpong", "decode64"])
+@pytest.mark.parametrize("kind", ["cooperative", "pingpong", "decode64", "cluster"])
 @pytest.mark.parametrize("stages,kt_total,my_tiles", [(4, 5, 5), (4, 1, 6), (2, 3, 4), (4, 32, 3), (3, 2, 7)])
 def test_barrier_protocol_holds(kind, stages, kt_total, my_tiles):
     """Random interleavings of producer, consumer warps, load landings and wgmma completions: every wait
     passes on its own phase, every full wait sees its own step's data, no stage is overwritten while read,
-    nothing deadlocks; with and without split-K padding steps (not in ping-pong, which has no split-K)."""
-    proto = WP.Protocol(pingpong=kind == "pingpong", stages=stages, consumers=1 if kind == "decode64" else 2)
-    for pad_tail in ([0] if kind == "pingpong" else [0, min(2, kt_total)]):
-        for seed in range(30):
+    nothing deadlocks; with and without split-K padding steps (not in ping-pong, which has no split-K); for
+    the cluster, two CTAs whose weight halves are multicast into both (landing in each separately)."""
+    proto = WP.Protocol(pingpong=kind == "pingpong", stages=stages, consumers=1 if kind == "decode64" else 2,
+                        cluster=2 if kind == "cluster" else 1)
+    for pad_tail in ([0] if kind in ("pingpong", "cluster") else [0, min(2, kt_total)]):
+        for seed in range(30 if kind != "cluster" else 15):
             WP.simulate(proto, kt_total, my_tiles, seed, pad_tail)
 
 
-@pytest.mark.parametrize("change", [dict(order_barrier=False), dict(order_parity="wrong"), dict(warps=4, stages=1)])
+@pytest.mark.parametrize("change", [dict(order_barrier=False), dict(order_parity="wrong"), dict(warps=4, stages=1),
+                                    dict(pingpong=False, cluster=2, release_peers=False)])
 def test_barrier_simulation_catches_a_broken_protocol(change):
     """Without the order barrier a ping-pong consumer runs ahead and its parity wait passes a phase early;
     a wrong order parity deadlocks or does the same; one stage cannot overlap loads with reads (deadlock
-    with one group kept in flight). The simulation must report each."""
-    proto = WP.Protocol(pingpong=True, **change)
+    with one group kept in flight); in a cluster whose consumers release only their own CTA's stage, the
+    peer's multicast overwrites a stage still being read. The simulation must report each."""
+    proto = WP.Protocol(**{"pingpong": True, **change})
     failures = 0
     for seed in range(60):
         try:
@@ -140,7 +153,14 @@ def test_kernel_uses_the_simulated_protocol():
     """The formulas of csrc/gemm_wgmma.cu that the simulation models (a change there must be mirrored in
     tests/wgmma_protocol.py)."""
     src = W.SRC
-    assert "mbar_init(&empty_bar[s], kPingPong ? 4 : 4 * T::kConsumers)" in src   # readers x warps
+    # readers x warps, x CTAs of the cluster (each consumer warp arrives on every CTA's empty barrier)
+    assert "mbar_init(&empty_bar[s], (kPingPong ? 4 : 4 * T::kConsumers) * T::kClusterSize);" in src
+    assert ("mbar_arrive_cluster(&empty_bar[s], 0);\n      mbar_arrive_cluster(&empty_bar[s], 1);" in src
+            and "static constexpr int kClusterSize = kMulticast ? 2 : 1;" in src)
+    # the full barrier expects the CTA's A tile and the whole weight stage (its half and the peer's)
+    assert ("mbar_arrive_expect_tx(&full_bar[s], (has_a ? kAStageBytes : 0) + units * panels * 4 * "
+            "layout::kPlaneBytes);") in src
+    assert "bulk_load_multicast(" in src and "uint16_t(0x3)" in src
     assert "static constexpr int kConsumers = kDecode ? 1 : 2;" in src
     # padding steps: the producer arrives without loading; the consumers wait for them after the item's real
     # steps and release them at once
@@ -148,7 +168,7 @@ def test_kernel_uses_the_simulated_protocol():
     assert "const int kt_valid = min(kt_per_item, kt_total - ti.kt);" in src
     assert ("for (int kt = max(kt_valid, 0); kt < kt_per_item; ++kt, ++f) {  // padding: nothing loaded, nothing "
             "read\n        const int s = f % kStages;\n        mbar_wait(&full_bar[s], (f / kStages) & 1);\n"
-            "        if (lane == 0) mbar_arrive(&empty_bar[s]);") in src
+            "        if (lane == 0) release(s);") in src
     assert "mbar_init(&full_bar[s], BITS == 8 ? 1 : 128)" in src
     assert "mbar_init(&order_bar[0], 4);" in src and "mbar_init(&order_bar[1], 4);" in src
     assert "if (i > 0) mbar_wait(&order_bar[c], (c == 1 ? mine : mine - 1) & 1);" in src

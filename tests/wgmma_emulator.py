@@ -36,11 +36,11 @@ BKU = BK // 32
 A_STAGE = BM * BK
 SLOTS = LOOKAHEAD + 1
 # WgTraits: the tile width and stages of each configuration
-WIDE_BN, NARROW_BN = (int(x) for x in re.search(r"kBN = CONFIG == kWgmmaCooperative256 \? (\d+) : (\d+);", SRC).groups())
+WIDE_BN, NARROW_BN = (int(x) for x in re.search(r"kBN = kWide \? (\d+) : (\d+);", SRC).groups())
 WIDE6_STAGES, STAGES = (int(x) for x in re.search(
-    r"kStages = \(CONFIG == kWgmmaCooperative256 \|\| kDecode\) && BITS == 6 \? (\d+) : (\d+);", SRC).groups())
+    r"kStages = \(kWide \|\| kDecode\) && BITS == 6 \? (\d+) : (\d+);", SRC).groups())
 DECODE_BM = int(re.search(r"kBM = kDecode \? (\d+) : 128;", SRC).group(1))
-SCHEDULES = ("cooperative", "pingpong", "cooperative256", "decode64")  # csrc/gemm.h WgmmaConfig 0, 1, 2, 3
+SCHEDULES = ("cooperative", "pingpong", "cooperative256", "decode64", "cluster256")  # WgmmaConfig 0..4
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Cfg:
 
 
 def cfg(schedule: str, bits: int) -> Cfg:
-    wide, decode = schedule == "cooperative256", schedule == "decode64"
+    wide, decode = schedule in ("cooperative256", "cluster256"), schedule == "decode64"
     return Cfg(WIDE_BN if wide else NARROW_BN, WIDE6_STAGES if (wide or decode) and bits == 6 else STAGES,
                DECODE_BM if decode else 128, 1 if decode else 2)
 
@@ -103,6 +103,7 @@ def _schedule_halves() -> dict[str, list[tuple[int, int]]]:
         out[name] = [(reads[acc], rows[acc] or "0") for acc in sorted(reads)]
     out["cooperative256"] = out["cooperative"]  # the same branch, 64 x 256 accumulators
     out["decode64"] = out["cooperative"]        # the same branch with one consumer (c = 0)
+    out["cluster256"] = out["cooperative"]      # the same branch; the cluster changes who loads the weights
     return out
 
 
@@ -179,6 +180,25 @@ def produce_b_8bit(P: Problem, n0: int, kt: int, stage: np.ndarray, c: Cfg = cfg
         stage[dst: dst + nbytes] = P.w[src: src + nbytes]
 
 
+def produce_b_8bit_multicast(P: Problem, n0: int, kt: int, stage: np.ndarray, c: Cfg) -> None:
+    """The weight stage of a cluster pair: CTA `rank` copies k-units [rank * BKU/2, (rank + 1) * BKU/2) and
+    multicasts them, so both CTAs' stages receive both halves. Checks that the halves cover every unit of the
+    stage once."""
+    geo = E.geometry(8, P.n, P.k)
+    p0 = n0 // 16
+    panels = min(c.panels, geo.full_panels - p0)
+    units = min(BKU, geo.full_units - kt * BKU)
+    written = np.zeros(BKU, dtype=int)
+    for rank in range(2):
+        for ku in range(rank * (BKU // 2), min(units, (rank + 1) * (BKU // 2))):
+            src = E.unit_offset(8, geo, kt * BKU + ku, p0)
+            nbytes = panels * 512
+            dst = ku * c.panels * 512
+            stage[dst: dst + nbytes] = P.w[src: src + nbytes]
+            written[ku] += 1
+    assert list(written[:units]) == [1] * units and not written[units:].any()
+
+
 def produce_b_6bit(P: Problem, n0: int, kt: int, stage: np.ndarray, staging: np.ndarray,
                    c: Cfg = cfg("cooperative", 6)) -> None:
     """The 128 producer threads: cp.async of the packed quads into a staging slot, then expand6 into B."""
@@ -231,32 +251,48 @@ def run_kernel(P: Problem, grid: int, schedule: str = "cooperative", splits: int
     assert P.n % 16 == 0 and P.k % 32 == 0, "the wgmma path needs N % 16 == 0 and K % 32 == 0"
     c = cfg(schedule, P.bits)
     BM_, BN = c.bm, c.bn
+    mc = schedule == "cluster256"  # clusters of two CTAs on M-tiles 2i, 2i+1 of one N-tile
+    assert not mc or (P.bits == 8 and splits == 1), "the cluster configuration: 8-bit weights, no split-K"
     m_tiles = E.cdiv(P.m, BM_)
     num_tiles = m_tiles * E.cdiv(P.n, BN)
     kt_total = E.cdiv(P.k, BK)
     kt_per_item = E.cdiv(kt_total, splits)
-    num_items = num_tiles * splits
+    m_pairs = E.cdiv(m_tiles, 2)
+    num_items = m_pairs * E.cdiv(P.n, BN) if mc else num_tiles * splits
+    walkers = grid // 2 if mc else grid
+
+    def step(f, walker, rank):  # the kernel's step lambda
+        if mc:
+            item = walker + (f // kt_per_item) * walkers
+            pair, nt = item % m_pairs, item // m_pairs
+            return (2 * pair + rank) * BM_, nt * BN, f % kt_per_item, 0, 0
+        return step_of(f, kt_per_item, m_tiles, num_tiles, walker, walkers, BM_, BN)
     out = np.full((P.m, P.n), np.int32(-0x5A5A5A5B), dtype=np.int32)
     partials = np.full((num_tiles, splits, BM_ * BN), -7, dtype=np.int64)  # poisoned, like a fresh buffer
     arrived = np.zeros(num_tiles, dtype=np.int64)
     rows, cols = acc_coords(BN)
     halves = _halves(schedule)
-    for bx in range(min(grid, num_items)):
-        my_items = (num_items - 1 - bx) // grid + 1 if bx < num_items else 0
+    ctas = [(w, r) for w in range(min(walkers, num_items)) for r in ((0, 1) if mc else (0,))]
+    for bx, rank in ctas:
+        my_items = (num_items - 1 - bx) // walkers + 1
         sB = np.full(c.b_stage, 0xC3, dtype=np.uint8)  # stale bytes where nothing is copied
+        sA = np.full(BM_ * BK, 0x77, dtype=np.uint8)  # (read, never stored, by a pair's CTA past M)
         staging = np.zeros(c.staging, dtype=np.uint8)
         f = 0
         for _ in range(my_items):
-            m0, n0, kt0, tile, split = step_of(f, kt_per_item, m_tiles, num_tiles, bx, grid, BM_, BN)
+            m0, n0, kt0, tile, split = step(f, bx, rank)
             acc = np.zeros((2, 64, BN), dtype=np.int64)  # per 64-row half of the tile
             for kt in range(kt_per_item):
-                mm0, nn0, kk, tt, ss = step_of(f, kt_per_item, m_tiles, num_tiles, bx, grid, BM_, BN)
+                mm0, nn0, kk, tt, ss = step(f, bx, rank)
                 assert (mm0, nn0, kk, tt, ss) == (m0, n0, kt0 + kt, tile, split)
                 f += 1
                 if kk >= kt_total:  # padding step: nothing loaded, no wgmma
                     continue
-                sA = tma_tile_sw128(P.a, P.m, P.k, m0, kk * BK, BM_)
-                if P.bits == 8:
+                if not (mc and m0 >= P.m):  # (no A load for the pair's M-tile past M: its rows are never stored)
+                    sA = tma_tile_sw128(P.a, P.m, P.k, m0, kk * BK, BM_)
+                if mc:
+                    produce_b_8bit_multicast(P, n0, kk, sB, c)
+                elif P.bits == 8:
                     produce_b_8bit(P, n0, kk, sB, c)
                 else:
                     produce_b_6bit(P, n0, kk, sB, staging, c)
