@@ -104,7 +104,8 @@ void int_gemm(const at::Tensor& out, const at::Tensor& a_q, const at::Tensor& a_
               out.sizes(), " and strides ", out.strides());
 
   const hdrq::TileShape shape = tile_shape(path, config, w_bits);
-  TORCH_CHECK(shape.bm > 0, "hdrq_C::int_gemm: unknown config ", config);
+  TORCH_CHECK(shape.bm > 0, "hdrq_C::int_gemm: config ", config, " of path ", path, " does not exist or does not take ",
+              w_bits, "-bit weights (the wgmma cluster configuration, 4, takes 8-bit weights only)");
   const int64_t m_tiles = (m + shape.bm - 1) / shape.bm;
   const int64_t n_tiles = (n + shape.bn - 1) / shape.bn;
   const int64_t k_tiles = (k + shape.bk - 1) / shape.bk;

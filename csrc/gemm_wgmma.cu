@@ -158,13 +158,15 @@ __device__ __forceinline__ uint32_t cluster_ctarank() {
   return r;
 }
 
-// Arrive on the mbarrier at bar's offset in CTA `rank` of the cluster (release at cluster scope).
+// Arrive on the mbarrier at bar's offset in CTA `rank` of the cluster. Default semantics (release at CTA
+// scope): the arrive only has to follow this warp's completed wgmma reads (wgmma.wait_group); .release.cluster
+// would add two GPU-scope memory barriers per call.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
   asm volatile(
       "{\n"
       ".reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
       "}\n" ::"r"(smem_addr(bar)),
       "r"(rank)
       : "memory");
@@ -374,11 +376,7 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
     // ================================ producer ================================
     if constexpr (T::kRealloc) setmaxnreg_dec<kProducerRegs<BITS>>();
     if (BITS == 8) {
-      if (tid != 0) {
-        if constexpr (T::kMulticast) cluster_sync();
-        return;
-      }
-      for (int f = 0; f < steps; ++f) {
+      for (int f = 0; f < (tid == 0 ? steps : 0); ++f) {  // thread 0 issues every load
         const int s = f % kStages;
         mbar_wait(&empty_bar[s], ((f / kStages) & 1) ^ 1);
         const TileIndex ti = step(f);
@@ -390,6 +388,7 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
         const int panels = min(kPanels, full_panels - p0);
         const int units = min(kBKU, full_units - ti.kt * kBKU);
         if constexpr (T::kMulticast) {
+          static_assert(T::kClusterSize == 2 && kBKU % 2 == 0, "each CTA of the pair multicasts half the k-units");
           // This CTA's A tile (none when its M-tile is past M: the odd last tile of a pair) and the whole B
           // stage, half of which the peer multicasts; this CTA multicasts k-units [2 * rank, 2 * rank + 2).
           const bool has_a = ti.m0 < p.m;
@@ -408,6 +407,11 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
                       &full_bar[s]);
         }
       }
+      if constexpr (T::kMulticast) {
+        __syncwarp();    // (warp 0 reconverged after thread 0's loop)
+        cluster_sync();  // every producer thread, once
+      }
+      return;
     } else {
       // Thread t copies (and later expands) items t and t + 128: item = (unit, 16-byte quad of lanes).
       auto issue = [&](int f) {
@@ -471,7 +475,6 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
       }
       cp_async_wait<0>();
     }
-    if constexpr (T::kMulticast) cluster_sync();
     return;
   }
 
@@ -594,7 +597,7 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
       if constexpr (T::kSplitK) {
         if (p.splits > 1 && !reduce_splits(acc, ti)) continue;
       }
-      epilogue(acc, ti.m0 + 64 * c, ti.n0);
+      if (ti.m0 + 64 * c < p.m) epilogue(acc, ti.m0 + 64 * c, ti.n0);  // (a half past M stores nothing)
     }
   } else {
     static_assert(kBN == 128, "ping-pong: two 64 x 128 accumulators per consumer");
@@ -698,13 +701,13 @@ cudaError_t launch(const GemmArgs& args, cudaStream_t stream) {
   if constexpr (T::kMulticast) {
     // Clusters of two CTAs over pairs of M-tiles: as many clusters as pairs, up to half the SMs.
     const int pairs = ceil_div(ceil_div(args.m, T::kBM), 2) * ceil_div(args.n, T::kBN);
-    const int clusters = pairs < sms / 2 ? pairs : sms / 2;
+    const int clusters = max(1, pairs < sms / 2 ? pairs : sms / 2);
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(2 * clusters);
     cfg.blockDim = dim3(T::kThreads);
     cfg.dynamicSmemBytes = T::kSmemBytes;
     cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[1] = {};
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = 2;
     attr[0].val.clusterDim.y = 1;

@@ -99,7 +99,8 @@ class GemmDispatch:
     above), ``"wgmma_pp"`` (ping-pong), ``"wgmma256"`` (cooperative 128x256) or ``"wgmma_mc"`` (128x256 in
     2-CTA clusters with weight multicast). The last three were written 2026-11-27 without a GPU: exact on the
     CPU emulation, the barrier protocol simulated, not yet run or timed on a GPU; bench_gemm times every one
-    as forced rows."""
+    as forced rows. (``wgmma_mc`` runs 8-bit weights: with 6 in ``wgmma_bits`` every 6-bit call there is
+    expanded first, whatever ``w6_expand_min_m`` says.)"""
     w6_expand_min_m: Optional[int] = None
     """6-bit weights at M >= this take a wgmma path with expansion (see the module docstring); None: never
     under ``auto``. Off until measured: the pass costs ~N*K*1.75 bytes of traffic (~35 us on 14336 x 4096 at
@@ -291,6 +292,8 @@ def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1], path: str = 
     went wrong. Syncs the host."""
     gen = torch.Generator(device=device).manual_seed(1234)
     cases = [(m, n, k, None) for m, n, k in shapes] + ([_CHECK_SPLIT] if path in SPLIT_K_WGMMA else [])
+    if path == "wgmma_mc":  # an odd number of M-tiles: the last pair's second CTA is past M
+        cases.append((300, 272, 544, None))
     for m, n, k, splits in cases:
         for bits in (8, 6):
             lim = 128 if bits == 8 else 32
