@@ -5,7 +5,8 @@
 #   bench/gpu_check.sh OUTDIR [STAGES]      STAGES: any of build,test,sanitize,profile,tune,bench
 #                                           (default: build,test,sanitize,bench)
 #   profile: Nsight Compute on bench/profile_gemm.py (every GEMM path once at M = 2048 and at decode sizes):
-#   OUTDIR/ncu_gemm.txt with speed of light, tensor-pipe use, memory tables, warp stall reasons.
+#   OUTDIR/ncu_gemm.txt with speed of light, tensor-pipe use, memory tables, warp stall reasons; and
+#   bench/profile_host.py: OUTDIR/host_profile.txt, where an eager QLinear's host time goes.
 #   tune: bench/tune_gemm.py (decode configurations x splits; writes OUTDIR/dispatch.json, which the bench
 #   stage's bench_gemm.py then uses) and bench/tune_quant.py (autograd profile, per-token launch sweep).
 #
@@ -56,6 +57,8 @@ if has profile; then
     || say "PROFILE FAILED"
   grep -E "^  [a-z_]+gemm|Duration|Compute \(SM\) Throughput|Memory Throughput|ok$|WRONG" "$OUTDIR/ncu_gemm.txt" \
     | head -n 80 | tee -a "$LOG"
+  # where an eager converted layer's host time goes (cProfile + kernel time of one QLinear)
+  run 120 $PY bench/profile_host.py --out "$OUTDIR/host_profile.txt" --calls 200 || say "HOST PROFILE FAILED"
 fi
 
 if has tune; then
