@@ -1,31 +1,36 @@
-// W8A8 / W6A6 GEMM for large M on Hopper (sm_90a): warpgroup wgmma (s8 x s8 -> s32) fed by TMA, a
-// warp-specialised producer/consumer pipeline and a persistent grid. Same result as gemm_mma.cu (gemm.h).
+// W8A8 / W6A6 GEMM on Hopper (sm_90a): warpgroup wgmma (s8 x s8 -> s32) fed by TMA, a warp-specialised
+// producer/consumer pipeline and a persistent grid. Same result as gemm_mma.cu (gemm.h).
 //
-// Block: 3 warpgroups, 384 threads, output tile 128 x 128, K step 128, 4 shared-memory stages, grid =
-// min(tiles, SMs) walking tiles blockIdx.x, +gridDim.x, ... (M fastest, so the CTAs of one wave share weight
-// tiles in L2). Two consumer schedules (WgmmaConfig, gemm.h):
-//  * cooperative (config 0): both consumers work on every tile, rows 0-63 and 64-127 (4 wgmma.m64n128k32 per
-//    stage each, 64 accumulator registers), and both run the epilogue while the tensor cores idle;
-//  * ping-pong (config 1): the consumers take alternate tiles, each the whole 128 x 128 (8 wgmma per stage,
-//    128 accumulator registers), and an order barrier lets one issue its mainloop while the other runs its
-//    epilogue, so the tensor cores stay busy across tile boundaries.
-//  * warpgroup 0, producer. A (activations): one TMA 2D load per stage, 128 rows x 128 bytes, 128-byte
+// Block: a producer warpgroup and one or two consumer warpgroups; K step 128; 3-4 shared-memory stages; a
+// persistent grid walking work items blockIdx.x, +gridDim.x, ... (M fastest, so the CTAs of one wave share
+// weight tiles in L2). Configurations (WgmmaConfig, gemm.h; WgTraits below):
+//  * 0 cooperative: 128 x 128 tiles; both consumers work on every tile, rows 0-63 and 64-127 (4
+//    wgmma.m64n128k32 per stage each, 64 accumulator registers), and both run the epilogue while the tensor
+//    cores idle;
+//  * 1 ping-pong: the consumers take alternate 128 x 128 tiles (8 wgmma per stage, 128 accumulator
+//    registers), and an order barrier lets one issue its mainloop while the other runs its epilogue;
+//  * 2 cooperative 128 x 256 (m64n256k32, 128 accumulators): a third less L2 and shared-memory traffic;
+//  * 3 decode: 64 x 128 tiles, one consumer, two CTAs per SM, split-K over (tile, split) work items;
+//  * 4 cluster: 128 x 256 tiles in clusters of two CTAs on M-tiles 2i, 2i+1; each CTA bulk-copies half of the
+//    weight stage and multicasts it to both (8-bit weights only).
+//  * warpgroup 0, producer. A (activations): one TMA 2D load per stage, BM rows x 128 bytes, 128-byte
 //    swizzle (the canonical K-major layout wgmma reads; rows past M and columns past K arrive as zeros).
-//    B (weights): the pack_weight units of one k-unit and 8 consecutive panels are contiguous in global
+//    B (weights): the pack_weight units of one k-unit and consecutive panels are contiguous in global
 //    memory and are exactly the wgmma canonical K-major *no-swizzle* layout (8 x 16-byte core matrices:
 //    K-adjacent ones 128 bytes apart, N-adjacent 8-row groups 256 bytes apart), so 8-bit weights go by
 //    4 bulk copies per stage, no reordering. 6-bit weights: the producer's 128 threads cp.async the packed
 //    units (3 planes) into a staging ring two stages ahead, then expand them (expand6: masks and shifts,
 //    4*w per byte) into the same 4-plane layout, fence the generic->async proxy and arrive.
-//  * warpgroups 1 and 2, consumers: per stage wait `full`, issue the wgmma (A: 128B-swizzle descriptor
-//    advanced 32 bytes per k32; B: no-swizzle descriptor LBO 128, SBO 256), keep one wgmma group in flight
-//    and release the previous stage (`empty`). Epilogue from registers (6-bit: acc >> 2), overlapping the
-//    producer's loads of the next tile.
+//  * consumers: per stage wait `full`, issue the wgmma (A: 128B-swizzle descriptor advanced 32 bytes per
+//    k32; B: no-swizzle descriptor LBO 128, SBO 256), keep one wgmma group in flight and release the
+//    previous stage (`empty`; in a cluster, in both CTAs). Epilogue from registers (6-bit: acc >> 2),
+//    overlapping the producer's loads of the next tile.
 //    Ping-pong ordering: consumer c may start the mainloop of its tile only after the other consumer has
 //    issued the whole mainloop of the previous tile (order_bar[c], one phase per tile). Besides keeping the
 //    two mainloops from interleaving, this bounds how far a consumer runs ahead of the producer: every
 //    `full` phase it waits for is at most one phase ahead of the barrier's current one, which the parity
-//    wait needs (tests/test_wgmma_emulated.py checks the protocol by simulation).
+//    wait needs. tests/wgmma_protocol.py simulates the whole protocol (every configuration, padding steps,
+//    the cluster's multicast); tests/wgmma_emulator.py emulates the data movement and index math.
 // Requirements (checked by the host; other shapes use gemm_mma.cu): N % 16 == 0, K % 32 == 0, A rows
 // 16-byte aligned (TMA), so every B unit is whole and no edge path is needed.
 #include <cstdint>
