@@ -22,7 +22,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = [("sm_80", "-gencode=arch=compute_80,code=sm_80"), ("sm_90a", "-gencode=arch=compute_90a,code=sm_90a")]
-WGMMA_NAMES = ["cooperative", "ping-pong", "cooperative 128x256", "decode 64x128", "cluster 128x256 multicast"]  # csrc/gemm.h WgmmaConfig
+# csrc/gemm.h WgmmaConfig, by index
+WGMMA_NAMES = ["cooperative", "ping-pong", "cooperative 128x256", "decode 64x128", "cluster 128x256 multicast"]
 SASS_OPS = ["IMMA", "IGMMA", "LDSM", "LDGSTS", "UTMALDG", "UBLKCP", "LDL", "STL"]
 
 DRIVER = r"""
@@ -150,8 +151,9 @@ def main():
                 c = counts.get((fn, a), collections.Counter())
                 mr = maxreg.get((fn, a), {})
                 split = f"{mr['TRY_ALLOC']} / {mr['DEALLOC']}" if len(mr) == 2 else ""
-                rows.append((cu, kernel_label(fn, names), a, d["regs"], split, d.get("spill_st", 0) + d.get("spill_ld", 0),
-                             d.get("stack", 0), d["smem"], *(c[o] for o in SASS_OPS)))
+                spills = d.get("spill_st", 0) + d.get("spill_ld", 0)
+                rows.append((cu, kernel_label(fn, names), a, d["regs"], split, spills, d.get("stack", 0), d["smem"],
+                             *(c[o] for o in SASS_OPS)))
         # dynamic shared memory from the kernels' own TileShape, through a host-only driver
         drv = os.path.join(tmp, "drv.cpp")
         with open(drv, "w") as f:

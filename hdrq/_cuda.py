@@ -28,13 +28,13 @@ Kernel paths (``csrc/gemm_mma.cu``):
 buffer of N*K bytes, and the 8-bit kernel runs.
 
 The path of each call is ``HDRQ_GEMM_PATH`` (``auto`` | ``decode`` | ``mma`` | ``wgmma`` | ``wgmma_pp`` |
-``wgmma256`` | ``wgmma_decode`` | ``wgmma_mc``, read on every call so tests can force each one) or, under ``auto``, :class:`GemmDispatch` (the M crossovers, in
-one place).
+``wgmma256`` | ``wgmma_decode`` | ``wgmma_mc``, read on every call so tests can force each one) or, under
+``auto``, :class:`GemmDispatch` (the M crossovers, in one place).
 A forced path that cannot take the inputs raises ``hdrq.ops.Unsupported`` (the reference runs, with a
-warning), never a wrong answer. Before ``auto`` first sends a call to ``wgmma`` on a device, it checks that
-kernel (the schedule it would use) once against the ``mma`` kernel on a small problem with ragged tiles (one host sync, outside any
-CUDA-graph capture) and keeps it off that device, with a warning, if they disagree. :data:`PATH_CALLS` counts the launches per path (tests check that a forced
-path really ran).
+warning), never a wrong answer. Before ``auto`` first sends a call to a wgmma path on a device, it checks that
+configuration once against the ``mma`` kernel on a small problem with ragged tiles (one host sync, outside
+any CUDA-graph capture) and keeps it off that device, with a warning, if they disagree. :data:`PATH_CALLS`
+counts the launches per path (tests check that a forced path really ran).
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ DISPATCH = GemmDispatch()
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    path: str      # "decode" | "mma" | "wgmma" | "wgmma_pp" | "wgmma256"
+    path: str      # "decode" | "mma" | one of WGMMA_PATHS
     config: int    # hdrq_C config index of that path
     splits: int
     bm: int
@@ -284,6 +284,7 @@ _WGMMA_VERIFIED: dict[tuple[int, str], bool] = {}  # (device index, wgmma path) 
 
 _CHECK_SHAPES = ((200, 272, 544), (2048, 2048, 512))  # ragged last tiles; more tiles than SMs (persistence)
 _CHECK_SPLIT = (17, 272, 2080, 3)  # split-K paths also: 17 k-tiles in 3 splits of 6 (one padding step)
+_CHECK_ODD_PAIR = (300, 272, 544)  # cluster paths also: 3 M-tiles, so the last pair's second CTA is past M
 
 
 def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1], path: str = "wgmma") -> Optional[str]:
@@ -292,8 +293,8 @@ def _wgmma_mismatch(device: torch.device, shapes=_CHECK_SHAPES[:1], path: str = 
     went wrong. Syncs the host."""
     gen = torch.Generator(device=device).manual_seed(1234)
     cases = [(m, n, k, None) for m, n, k in shapes] + ([_CHECK_SPLIT] if path in SPLIT_K_WGMMA else [])
-    if path == "wgmma_mc":  # an odd number of M-tiles: the last pair's second CTA is past M
-        cases.append((300, 272, 544, None))
+    if path in EIGHT_BIT_ONLY:  # (the cluster configuration)
+        cases.append((*_CHECK_ODD_PAIR, None))
     for m, n, k, splits in cases:
         for bits in (8, 6):
             lim = 128 if bits == 8 else 32

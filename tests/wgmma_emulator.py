@@ -313,7 +313,8 @@ def run_kernel(P: Problem, grid: int, schedule: str = "cooperative", splits: int
                             for hr in range(2):
                                 if m0 + row0 + 8 * hr < P.m:
                                     i0 = (row0 + 8 * hr) * BN + 8 * j + 2 * t
-                                    partials[tile, split, i0: i0 + 2] = regs[half][T, [4 * j + 2 * hr, 4 * j + 2 * hr + 1]]
+                                    v = [4 * j + 2 * hr, 4 * j + 2 * hr + 1]
+                                    partials[tile, split, i0: i0 + 2] = regs[half][T, v]
                 arrived[tile] += 1
                 if arrived[tile] < splits:
                     continue
@@ -330,7 +331,8 @@ def run_kernel(P: Problem, grid: int, schedule: str = "cooperative", splits: int
                                 for hr in range(2):
                                     if m0 + row0 + 8 * hr < P.m:
                                         i0 = (row0 + 8 * hr) * BN + 8 * j + 2 * t
-                                        regs[half][T, [4 * j + 2 * hr, 4 * j + 2 * hr + 1]] += partials[tile, z, i0: i0 + 2]
+                                        v = [4 * j + 2 * hr, 4 * j + 2 * hr + 1]
+                                        regs[half][T, v] += partials[tile, z, i0: i0 + 2]
             for half, row_off in halves:
                 # registers of thread T of the warpgroup holding this half, then the kernel's epilogue indices
                 d = regs[half]
