@@ -70,9 +70,10 @@ def autograd_profile(n: int) -> dict:
                          "torch.profiler, per iteration. Host: time to issue one call with the GPU far behind.")
 
 
-def host_profile(n: int) -> dict:
-    """cProfile of the host side of noise_fake_quant forward + backward through autograd: where the
-    per-call launch overhead goes (Python functions by own time)."""
+def host_profile(n: int, op: str = "noise_fake_quant") -> dict:
+    """cProfile of the host side of ``op`` (noise_fake_quant or fake_quant) forward + backward through
+    autograd: where the per-call launch overhead goes (Python functions by own time). Both ops run the same
+    number of kernels; fake_quant's host time measured 2-3x noise_fake_quant's on the benchmark machine."""
     import cProfile
     import pstats
 
@@ -80,10 +81,12 @@ def host_profile(n: int) -> dict:
     wr = torch.randn(n, n, device=dev).requires_grad_()
     sr = (torch.rand(n, device=dev) * 0.05 + 0.01).requires_grad_()
     g = torch.randn_like(wr)
+    forward = {"noise_fake_quant": lambda: ops.noise_fake_quant(wr, sr, bits=4, axis=0, seed=1),
+               "fake_quant": lambda: ops.fake_quant(wr, sr, bits=6, axis=0)}[op]
     ops.set_backend("triton")
     try:
         def fn():
-            return torch.autograd.grad(ops.noise_fake_quant(wr, sr, bits=4, axis=0, seed=1), (wr, sr), g)
+            return torch.autograd.grad(forward(), (wr, sr), g)
 
         fn()
         torch.cuda.synchronize()
@@ -102,8 +105,8 @@ def host_profile(n: int) -> dict:
         rows.append([f"{os.path.basename(file)}:{line} {func}", round(tt / calls * 1e6, 1), round(ct / calls * 1e6, 1),
                      round(nc / calls, 1)])
     total = sum(v[2] for v in st.stats.values()) / calls * 1e6
-    print(f"host profile: {total:.0f} us of Python per call; top: {rows[:5]}", flush=True)
-    return section(f"host side of noise_fake_quant forward + backward through autograd ({n} x {n}, triton), cProfile",
+    print(f"host profile of {op}: {total:.0f} us of Python per call; top: {rows[:5]}", flush=True)
+    return section(f"host side of {op} forward + backward through autograd ({n} x {n}, triton), cProfile",
                    ["function", "own us per call", "cumulative us per call", "calls per call"], rows,
                    f"{total:.0f} us of profiled Python per forward + backward (cProfile inflates small functions).")
 
@@ -149,7 +152,8 @@ def per_token_sweep(copy_gbs: float) -> dict:
 def main():
     args = cli(__doc__.splitlines()[0])
     bw = copy_bandwidth_gbs()
-    sections = [autograd_profile(4096 if args.quick else 8192), host_profile(1024), per_token_sweep(bw)]
+    sections = [autograd_profile(4096 if args.quick else 8192), host_profile(1024),
+                host_profile(1024, "fake_quant"), per_token_sweep(bw)]
     write(args.out, sections, {"copy_gbs": bw})
 
 
