@@ -392,24 +392,23 @@ __global__ void __launch_bounds__(WgTraits<BITS, CONFIG>::kThreads, WgTraits<BIT
         const int p0 = ti.n0 / layout::kPanelRows;
         const int panels = min(kPanels, full_panels - p0);
         const int units = min(kBKU, full_units - ti.kt * kBKU);
-        if constexpr (T::kMulticast) {
-          static_assert(T::kClusterSize == 2 && kBKU % 2 == 0, "each CTA of the pair multicasts half the k-units");
-          // This CTA's A tile (none when its M-tile is past M: the odd last tile of a pair) and the whole B
-          // stage, half of which the peer multicasts; this CTA multicasts k-units [2 * rank, 2 * rank + 2).
-          const bool has_a = ti.m0 < p.m;
-          mbar_arrive_expect_tx(&full_bar[s], (has_a ? kAStageBytes : 0) + units * panels * 4 * layout::kPlaneBytes);
-          if (has_a) tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
-          for (int ku = int(rank) * (kBKU / 2); ku < min(units, (int(rank) + 1) * (kBKU / 2)); ++ku)
-            bulk_load_multicast(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes,
-                                p.w + layout::unit_offset(8, geo, ti.kt * kBKU + ku, p0),
-                                panels * 4 * layout::kPlaneBytes, &full_bar[s], uint16_t(0x3));
-        } else {
-          mbar_arrive_expect_tx(&full_bar[s], kAStageBytes + units * panels * 4 * layout::kPlaneBytes);
-          tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
-          for (int ku = 0; ku < units; ++ku)
-            bulk_load(sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes,
-                      p.w + layout::unit_offset(8, geo, ti.kt * kBKU + ku, p0), panels * 4 * layout::kPlaneBytes,
-                      &full_bar[s]);
+        // The full barrier expects this CTA's A tile and the whole B stage. In a cluster pair, the A tile is
+        // skipped when this CTA's M-tile is past M (the odd last tile of a pair), and this CTA copies only
+        // k-units [2 * rank, 2 * rank + 2) of B, multicast to both CTAs; the peer copies the other half.
+        static_assert(!T::kMulticast || (T::kClusterSize == 2 && kBKU % 2 == 0), "each CTA multicasts half the k-units");
+        const bool has_a = !T::kMulticast || ti.m0 < p.m;
+        const int ku_begin = T::kMulticast ? int(rank) * (kBKU / 2) : 0;
+        const int ku_end = T::kMulticast ? min(units, ku_begin + kBKU / 2) : units;
+        mbar_arrive_expect_tx(&full_bar[s], (has_a ? kAStageBytes : 0) + units * panels * 4 * layout::kPlaneBytes);
+        if (has_a) tma_load_2d(sA + s * kAStageBytes, &tmap_a, &full_bar[s], ti.kt * kBK, ti.m0);
+        for (int ku = ku_begin; ku < ku_end; ++ku) {
+          uint8_t* dst = sB + s * kBStageBytes + ku * kPanels * 4 * layout::kPlaneBytes;
+          const uint8_t* src = p.w + layout::unit_offset(8, geo, ti.kt * kBKU + ku, p0);
+          if constexpr (T::kMulticast) {
+            bulk_load_multicast(dst, src, panels * 4 * layout::kPlaneBytes, &full_bar[s], uint16_t(0x3));
+          } else {
+            bulk_load(dst, src, panels * 4 * layout::kPlaneBytes, &full_bar[s]);
+          }
         }
       }
       if constexpr (T::kMulticast) {
