@@ -485,12 +485,14 @@ def fake_quant(x: Tensor, scale: Tensor, *, bits: int, signed: bool = True, axis
 
 def noise_fake_quant(x: Tensor, scale: Tensor, *, bits: int, signed: bool = True, axis: Optional[int] = None,
                      seed: int, mode: str = "uniform") -> Tensor:
-    """Noise quantization: ``x + s*u`` for in-range elements (``s*qmin <= x <= s*qmax``), others clamped.
+    """Noise quantization: ``x + s*u`` for elements strictly inside the grid (``s*qmin < x < s*qmax``);
+    an element at or beyond a bound is set to that bound and gets no noise (exact zeros on an unsigned
+    grid stay zero).
 
     ``mode="uniform"``: ``u ~ U[-0.5, 0.5)``; ``mode="histogram"``: ``u`` follows, per scale group, the
-    256-bin histogram of the rounding errors ``round(x/s) - x/s`` of the in-range elements. The noise is
-    a function of (seed, element index) only; the backward regenerates it. Gradients: d/dx = 1 in
-    range, else 0; d/ds = u in range, else qmin or qmax; summed per scale."""
+    256-bin histogram of the rounding errors ``round(x/s) - x/s`` of the strictly-inside elements. The
+    noise is a function of (seed, element index) only; the backward regenerates it. Gradients: d/dx = 1
+    strictly inside, else 0; d/ds = u inside, else qmin or qmax; summed per scale."""
     axis = _check_quant_args("noise_fake_quant", x, scale, bits, axis)
     seed = _check_seed("noise_fake_quant", seed)
     if mode not in NOISE_MODES:

@@ -184,7 +184,8 @@ def _ungrouped(t: Tensor, like: Tensor, axis: Optional[int]) -> Tensor:
 def rounding_error_histogram(x: Tensor, scale: Tensor, bits: int, signed: bool,
                              axis: Optional[int]) -> Tensor:
     """Per scale group, the 256-bin histogram (int64 counts) over [-0.5, 0.5] of the rounding errors
-    ``round(x/s) - x/s`` of the in-range elements (``s*qmin <= x <= s*qmax``). Shape ``[groups, 256]``.
+    ``round(x/s) - x/s`` of the elements strictly inside the grid (``s*qmin < x < s*qmax``; an element at a
+    bound is clamped, gets no noise and is not counted). Shape ``[groups, 256]``.
 
     Bin of an error e: ``clamp(floor((e + 0.5) * 256), 0, 255)``, computed in fp32."""
     qmin, qmax = qrange(bits, signed)
@@ -192,7 +193,7 @@ def rounding_error_histogram(x: Tensor, scale: Tensor, bits: int, signed: bool,
     s = broadcast_scale(scale.to(torch.float32), x, axis)
     v = xf * (1.0 / s)
     err = torch.round(v) - v
-    inside = (xf >= s * qmin) & (xf <= s * qmax)
+    inside = (xf > s * qmin) & (xf < s * qmax)
     bins = torch.clamp(torch.floor((err + 0.5) * HIST_BINS), 0, HIST_BINS - 1).to(torch.int64)
     bins_g = _grouped(bins, axis)
     inside_g = _grouped(inside, axis).to(torch.int64)
@@ -242,13 +243,14 @@ def quant_noise(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Optiona
 
 def noise_fake_quant_from_noise(x: Tensor, scale: Tensor, u: Tensor, bits: int, signed: bool,
                                 axis: Optional[int]) -> Tensor:
-    """``y = x + s*u`` where ``s*qmin <= x <= s*qmax``, else ``x`` clamped to that range."""
+    """``y = x + s*u`` strictly inside the grid (``s*qmin < x < s*qmax``); an element at or beyond a bound is
+    set to that bound and gets no noise (the HDRQ authors' rule: post-ReLU zeros on an unsigned grid stay 0)."""
     qmin, qmax = qrange(bits, signed)
     cdt = compute_dtype(x)
     xf = x.to(cdt)
     s = broadcast_scale(scale.to(cdt), x, axis)
     lo, hi = s * qmin, s * qmax
-    y = torch.where(xf < lo, lo, torch.where(xf > hi, hi, xf + s * u.to(cdt)))
+    y = torch.where(xf <= lo, lo, torch.where(xf >= hi, hi, xf + s * u.to(cdt)))
     return y.to(x.dtype)
 
 
@@ -260,15 +262,16 @@ def noise_fake_quant(x: Tensor, scale: Tensor, bits: int, signed: bool, axis: Op
 
 def noise_fake_quant_backward(grad: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool,
                               axis: Optional[int], seed: int, mode: str) -> tuple[Tensor, Tensor]:
-    """d/dx = 1 in range else 0; d/ds = u in range, qmin below, qmax above; d/ds summed per scale.
-    The noise is regenerated from the seed (nothing was stored by the forward)."""
+    """d/dx = 1 strictly inside the grid, else 0; d/ds = u inside, qmin at or below the lower bound, qmax at
+    or above the upper one; d/ds summed per scale. The noise is regenerated from the seed (nothing was stored
+    by the forward)."""
     qmin, qmax = qrange(bits, signed)
     cdt = compute_dtype(x)
     xf = x.to(cdt)
     g = grad.to(cdt)
     s = broadcast_scale(scale.to(cdt), x, axis)
     lo, hi = s * qmin, s * qmax
-    below, above = xf < lo, xf > hi
+    below, above = xf <= lo, xf >= hi
     inside = ~(below | above)
     u = quant_noise(x, scale, bits, signed, axis, seed, mode).to(cdt)
     dx = torch.where(inside, g, torch.zeros_like(g))

@@ -315,7 +315,8 @@ def _fwd_tile(x_ptr, y_ptr, s, inv, qmin, qmax, seed, mseed, p, counts, cum, tot
         u = _noise(seed, e_row, e, counts, cum, total, ROWS, VEC, ALIGNED, NOISE)
         lo = s * qmin
         hi = s * qmax
-        y = tl.where(x < lo, lo, tl.where(x > hi, hi, x + s * u))
+        # At or beyond a bound: the bound, no noise (so exact zeros on an unsigned grid stay zero).
+        y = tl.where(x <= lo, lo, tl.where(x >= hi, hi, x + s * u))
     if QDROP:
         y = tl.where(_keep(mseed, e_row, e, p, ROWS, VEC, ALIGNED), x, y)
     y = _cast_out(y, y_ptr, SOFT_BF16)
@@ -371,8 +372,8 @@ def _bwd_tile(g_ptr, x_ptr, dx_ptr, s, inv, qmin, qmax, seed, mseed, p, counts, 
         inside = ~(below | above)
         ds_in = r - v
     else:
-        below = x < s * qmin
-        above = x > s * qmax
+        below = x <= s * qmin
+        above = x >= s * qmax
         inside = ~(below | above)
         ds_in = _noise(seed, e_row, e, counts, cum, total, ROWS, VEC, ALIGNED, NOISE)
     dx = tl.where(inside, gq, 0.0)
@@ -426,7 +427,7 @@ def _sum_partials_kernel(part_ptr, ds_ptr, C, n_chunks, CB: tl.constexpr, RB: tl
 @triton.jit
 def _hist_kernel(x_ptr, scale_ptr, hist_ptr, qmin, qmax, plane, inner, cstride, n_chunks, BLOCK: tl.constexpr,
                  VEC: tl.constexpr, LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, IDX64: tl.constexpr):
-    """hist[c] += 256-bin histogram of the rounding errors of this program's in-range elements
+    """hist[c] += 256-bin histogram of the rounding errors of this program's elements strictly inside the grid
     (``hdrq.reference.rounding_error_histogram``). Integer atomics: the sum is order independent."""
     pid, c, chunk = _program(n_chunks, IDX64)
     s = tl.load(scale_ptr + c).to(tl.float32)
@@ -434,11 +435,11 @@ def _hist_kernel(x_ptr, scale_ptr, hist_ptr, qmin, qmax, plane, inner, cstride, 
     e, e_row, valid = _tile(c, chunk, plane, inner, cstride, BLOCK, VEC, LAYOUT, ALIGNED)
     x = tl.load(x_ptr + e, mask=valid, other=0.0).to(tl.float32)
     v = x * inv
-    # Elements counted (x within [s*qmin, s*qmax]) have |v| <= qmax + 1, so the clamp before rounding
+    # Elements counted (strictly inside (s*qmin, s*qmax)) have |v| <= qmax + 1, so the clamp before rounding
     # does not change their error.
     err = _rint(_clamp(v, qmin - 1.0, qmax + 1.0)) - v
     b = _clamp(tl.floor((err + 0.5) * 256.0), 0.0, 255.0).to(tl.int32)
-    inside = (x >= s * qmin) & (x <= s * qmax) & valid
+    inside = (x > s * qmin) & (x < s * qmax) & valid
     h = tl.histogram(tl.reshape(b, [BLOCK]), 256, mask=tl.reshape(inside, [BLOCK]))
     tl.atomic_add(hist_ptr + c * 256 + tl.arange(0, 256), h, mask=h != 0, sem="relaxed")
 

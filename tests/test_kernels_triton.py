@@ -248,6 +248,38 @@ def test_non_finite_inputs_follow_the_reference():
                 ref.fake_quant(xb, torch.tensor(0.0031, device=DEVICE), 8, True, None))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_grid_edge_values_follow_the_reference(axis, signed, dtype):
+    """Exact ``s*qmin`` / ``s*qmax`` values and exact zeros (the clamped, noise-free bounds of the noise
+    quantizer, left out of the histogram) in every kernel, forward, backward and histogram. Power-of-two
+    scales, so the bounds are exact in every dtype."""
+    bits, shape = 4, (5, 24)
+    qmin, qmax = ref.qrange(bits, signed)
+    g = torch.Generator().manual_seed(int(signed) + 2 * (axis is None))
+    scale = (2.0 ** -torch.randint(1, 5, (shape[0],), generator=g).float())
+    scale = scale[0] if axis is None else scale
+    s = (scale if axis is None else scale[:, None]).expand(shape)
+    x = (torch.rand(shape, generator=g) * (qmax - qmin) + qmin) * s
+    pick = torch.randint(0, 5, shape, generator=g)
+    x = torch.where(pick == 0, s * qmin, torch.where(pick == 1, s * qmax, torch.where(pick == 2, 0.0, x)))
+    x = torch.where(pick == 3, s * (qmax + 2), x).to(dtype).to(DEVICE)
+    scale = scale.to(DEVICE)
+    grad = rand_x(shape, dtype, seed=4)
+    for kind in QUANTIZERS:
+        y = run_quantizer(kind, x, scale, bits, signed, axis)
+        dx, ds = kernel_backward(kind, grad, x, scale, bits, signed, axis)
+        hdrq.set_backend("reference")
+        assert_same(y, run_quantizer(kind, x, scale, bits, signed, axis))
+        rdx, rds = reference_backward(kind, grad, x, scale, bits, signed, axis)
+        hdrq.set_backend("triton")
+        assert_same(dx, rdx)
+        assert_ds_close(ds, rds, ds_terms(kind, grad, x, scale, bits, signed, axis))
+    assert torch.equal(kq.rounding_error_histogram(x, scale, bits, signed, axis),
+                       ref.rounding_error_histogram(x, scale, bits, signed, axis))
+
+
 @pytest.mark.parametrize("shape,axis", [((0,), None), ((3, 0), 0), ((0, 4), 1), ((2, 0, 3), 2)])
 def test_empty(shape, axis):
     x = torch.empty(shape, device=DEVICE)

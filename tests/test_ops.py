@@ -145,8 +145,8 @@ def test_noise_fake_quant_formula_and_grads(shape, axis, signed, bits):
     qmin, qmax = ref.qrange(bits, signed)
     s = ref.broadcast_scale(scale, x, axis)
     lo, hi = s * qmin, s * qmax
-    inside = (x >= lo) & (x <= hi)
-    expect = torch.where(x < lo, lo, torch.where(x > hi, hi, x + s * u))
+    inside = (x > lo) & (x < hi)
+    expect = torch.where(x <= lo, lo, torch.where(x >= hi, hi, x + s * u))
     xr = x.clone().requires_grad_()
     sr = scale.clone().requires_grad_()
     y = ops.noise_fake_quant(xr, sr, bits=bits, signed=signed, axis=axis, seed=seed)
@@ -154,8 +154,73 @@ def test_noise_fake_quant_formula_and_grads(shape, axis, signed, bits):
     g = torch.randn(shape)
     y.backward(g)
     assert torch.equal(xr.grad, g * inside)
-    ds_elem = torch.where(inside, u, torch.where(x < lo, float(qmin), float(qmax))) * g
+    ds_elem = torch.where(inside, u, torch.where(x <= lo, float(qmin), float(qmax))) * g
     torch.testing.assert_close(sr.grad, ref.reduce_to_scale(ds_elem, scale, axis), rtol=1e-5, atol=1e-5)
+
+
+def _grid_edge_input(scale, bits, signed, axis, shape=(6, 40)):
+    """Random values with exact grid bounds planted: ``s*qmin`` and ``s*qmax`` (fp32 products, as the ops form
+    them), exact zeros, and values beyond both bounds."""
+    qmin, qmax = ref.qrange(bits, signed)
+    s = ref.broadcast_scale(scale, torch.empty(shape), axis).expand(shape)
+    g = torch.Generator().manual_seed(bits * 2 + signed)
+    x = (torch.rand(shape, generator=g) * (qmax - qmin) + qmin) * s  # inside the range (almost surely)
+    pick = torch.randint(0, 6, shape, generator=g)
+    x = torch.where(pick == 0, s * qmin, x)
+    x = torch.where(pick == 1, s * qmax, x)
+    x = torch.where(pick == 2, torch.zeros_like(x), x)
+    x = torch.where(pick == 3, s * (qmax + 3), x)
+    x = torch.where(pick == 4, s * (qmin - 3), x)
+    return x, pick
+
+
+@pytest.mark.parametrize("mode", ["uniform", "histogram"])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_noise_fake_quant_grid_edge(mode, signed, axis):
+    """The authors' rule at the grid's bounds: an element exactly at ``s*qmin`` / ``s*qmax`` (or beyond) is
+    that bound, gets no noise, has d/dx = 0 and d/ds = qmin / qmax, and is left out of the histogram; exact
+    zeros on an unsigned grid stay exactly zero."""
+    bits = 4
+    qmin, qmax = ref.qrange(bits, signed)
+    scale = torch.tensor(0.37) if axis is None else torch.linspace(0.11, 0.53, 6)
+    x, pick = _grid_edge_input(scale, bits, signed, axis)
+    s = ref.broadcast_scale(scale, x, axis).expand(x.shape)
+    lo, hi = s * qmin, s * qmax
+    at_lo, at_hi = x <= lo, x >= hi
+    assert bool(at_lo.any()) and bool(at_hi.any()) and bool((~(at_lo | at_hi)).any())
+    xr, sr = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    y = ops.noise_fake_quant(xr, sr, bits=bits, signed=signed, axis=axis, seed=11, mode=mode)
+    assert torch.equal(y[at_lo], lo[at_lo]) and torch.equal(y[at_hi], hi[at_hi])
+    if not signed:  # exact zeros are the lower bound: they stay exactly zero
+        assert bool((x == 0).any()) and torch.equal(y[x == 0], torch.zeros_like(y[x == 0]))
+    inside = ~(at_lo | at_hi)
+    assert bool((y[inside] != x[inside]).all())  # noise everywhere strictly inside
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    y.backward(g)
+    assert torch.equal(xr.grad, torch.where(inside, g, torch.zeros_like(g)))
+    u = ref.quant_noise(x, scale, bits, signed, axis, 11, mode)
+    ds = ref.reduce_to_scale(torch.where(inside, u, torch.where(at_lo, float(qmin), float(qmax))) * g, scale, axis)
+    torch.testing.assert_close(sr.grad, ds, rtol=1e-5, atol=1e-5)
+    counts = ref.rounding_error_histogram(x, scale, bits, signed, axis)
+    assert counts.sum() == int(inside.sum())
+
+
+def test_noise_on_post_relu_activations():
+    """Post-ReLU inputs on an unsigned grid: about half are exact zeros. None of them gets noise, and the
+    histogram (built from the others) gives noise of the spread of real rounding errors,
+    std ~ 1/sqrt(12) = 0.289."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(64, 1024, generator=g))
+    zeros = x == 0
+    assert 0.45 < float(zeros.float().mean()) < 0.55
+    scale = torch.tensor(3.0 / 15)
+    for mode in ("uniform", "histogram"):
+        y = ops.noise_fake_quant(x, scale, bits=4, signed=False, seed=5, mode=mode)
+        assert torch.equal(y[zeros], x[zeros])
+        inside = (x > 0) & (x < scale * 15)
+        u = (y[inside] - x[inside]) / scale
+        assert abs(float(u.std()) - 12 ** -0.5) < 0.01, (mode, float(u.std()))
 
 
 def test_noise_fake_quant_reproducible_and_seeded():
@@ -242,8 +307,8 @@ def test_histogram_mode_backward_regenerates_noise():
     y.backward(torch.ones_like(y))
     qmin, qmax = ref.qrange(3, True)
     lo, hi = s.detach() * qmin, s.detach() * qmax
-    inside = (x.detach() >= lo) & (x.detach() <= hi)
-    expect_ds = torch.where(inside, u, torch.where(x.detach() < lo, float(qmin), float(qmax))).sum(0)
+    inside = (x.detach() > lo) & (x.detach() < hi)
+    expect_ds = torch.where(inside, u, torch.where(x.detach() <= lo, float(qmin), float(qmax))).sum(0)
     torch.testing.assert_close(s.grad, expect_ds, rtol=1e-5, atol=1e-5)
 
 
