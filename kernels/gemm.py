@@ -64,6 +64,34 @@ class GemmConfig:
                              f"{self}")
 
 
+# The configurations bench/tune_gemm.py times for a routing table (and tests run on the GPU). Shared memory per
+# stage is (bm + bn) * bk bytes: 384 x 128 x 3 stages = 144 KB at most, within an H100's 227 KB.
+CANDIDATES = (
+    # large M (tensor-core bound): wgmma-sized tiles
+    GemmConfig(128, 256, 128, 8, 1, 8, 3),
+    GemmConfig(256, 128, 128, 8, 1, 8, 3),
+    GemmConfig(128, 128, 128, 8, 1, 8, 4),
+    GemmConfig(128, 128, 128, 8, 1, 4, 4),
+    # a few hundred rows: smaller row tiles, split-K where the tiles are few
+    GemmConfig(64, 128, 256, 8, 1, 4, 3),
+    GemmConfig(64, 128, 128, 8, 2, 4, 4),
+    GemmConfig(64, 64, 256, 8, 1, 4, 4),
+    # decode (M <= 64): the weight stream, split over K to keep every SM busy
+    GemmConfig(16, 64, 256, 1, 4, 4, 4),
+    GemmConfig(32, 64, 128, 1, 4, 4, 5),
+    GemmConfig(64, 64, 128, 1, 2, 4, 4),
+)
+
+
+def candidates_for(m: int) -> tuple:
+    """The :data:`CANDIDATES` worth timing at M = ``m``."""
+    if m <= 64:
+        return tuple(c for c in CANDIDATES if c.bm <= 64)
+    if m <= 512:
+        return tuple(c for c in CANDIDATES if 64 <= c.bm <= 128)
+    return tuple(c for c in CANDIDATES if c.bm >= 64 and c.split_k == 1)
+
+
 def default_config(m: int, n: int, k: int) -> GemmConfig:
     """A configuration for sizes no routing-table entry names: small row tiles and split-K while the output tiles
     alone would leave an H100-sized GPU idle (M in the decode range), else 128 x 128 tiles."""
