@@ -216,6 +216,7 @@ class _QLayer(nn.Module):
             for g in range(self.groups))
         if epilogue:
             self._refresh_epilogue()
+        self._act_scale = self.act_scale  # plain attributes: no nn.Module.__getattr__ per call
         self._gemm_bias = self._epilogue_bias if self._epilogue_bias is not None else self.bias
 
     def _refresh_epilogue(self) -> None:
@@ -454,7 +455,7 @@ class QLinear(_QLayer):
         if rows.shape[0] == 0:
             return x.new_empty((*lead, self.out_features))
         if self.act == "static":
-            a_scale = self.act_scale
+            a_scale = self._act_scale
             a_q = ops.quantize_per_tensor(rows, a_scale, bits=self.a_bits, signed=self.a_signed,
                                           zero_point=-self.act_shift)
         else:

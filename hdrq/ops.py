@@ -165,10 +165,18 @@ _lib.impl("uniform_noise", _uniform_noise_backend_select, "BackendSelect", with_
 # ==================================================================================================
 
 
+def _quantizer_backward(ctx, grad):
+    x, scale = ctx.saved_tensors
+    dx, ds = ctx.backward_op(grad, x, scale, *ctx.args)
+    return (None, None, dx, ds) + (None,) * len(ctx.args)
+
+
+_quantizer_backward_once = once_differentiable(_quantizer_backward)
+
+
 class _QuantizerGrad(torch.autograd.Function):
     """Autograd of the three quantizer ops: saves x and the scale (the noise is regenerated from the seed, never
-    stored) and calls the op's backward op, which dispatches like any op. A second derivative is refused
-    (``once_differentiable``)."""
+    stored) and calls the op's backward op, which dispatches like any op. A second derivative is refused."""
 
     @staticmethod
     def forward(ctx, forward_op, backward_op, x, scale, *args):
@@ -178,11 +186,10 @@ class _QuantizerGrad(torch.autograd.Function):
             return forward_op(x, scale, *args)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        x, scale = ctx.saved_tensors
-        dx, ds = ctx.backward_op(grad, x, scale, *ctx.args)
-        return (None, None, dx, ds) + (None,) * len(ctx.args)
+        # Grad mode is on in a backward only under create_graph=True: then the result must refuse to be
+        # differentiated again (once_differentiable); otherwise skip its wrapper.
+        return (_quantizer_backward_once if torch.is_grad_enabled() else _quantizer_backward)(ctx, grad)
 
 
 def _quantizer_autograd_kernel(name: str):
@@ -336,12 +343,16 @@ def _describe(t) -> str:
     return f"a {type(t).__name__}"
 
 
+CHECK_VALUES = os.environ.get("HDRQ_CHECK_VALUES", "cpu")
+"""Per-call checks of scale values (finite, > 0) need the data on the host: ``"cpu"`` (env ``HDRQ_CHECK_VALUES``,
+the default) checks CPU tensors only, since on CUDA the check would sync the host on every call; ``"1"`` checks
+every device, ``"0"`` none (what a CUDA call costs the host: bench/host_cost.py)."""
+
+
 def _values_checkable(t: Tensor) -> bool:
-    """Value checks (NaN, sign) need the data on the host: done for CPU tensors, or on CUDA only with
-    HDRQ_CHECK_VALUES=1, since the check would sync the host on every call."""
-    if torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
+    if CHECK_VALUES == "0" or torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor):
         return False
-    return t.device.type == "cpu" or os.environ.get("HDRQ_CHECK_VALUES", "0") == "1"
+    return t.device.type == "cpu" or (CHECK_VALUES == "1" and t.device.type != "meta")
 
 
 def _check_positive_finite(name: str, what: str, s: Tensor) -> None:
@@ -643,7 +654,7 @@ def _check_a_q(name: str, a_q: Tensor, w: PackedWeight) -> None:
         raise TypeError(f"{name}: a_q must be a 2-D int8 tensor [M, K], got {_describe(a_q)}")
     if a_q.shape[1] != w.shape[1]:
         raise ValueError(f"{name}: a_q is [M, K] = {tuple(a_q.shape)} but the weight is [N, K] = {w.shape}")
-    if a_q.device != w.data.device:
+    if a_q.get_device() != w.data.get_device():
         raise ValueError(f"{name}: a_q is on {a_q.device} but the weight is on {w.data.device}")
 
 
@@ -673,7 +684,8 @@ def int_matmul(a_q: Tensor, a_scale: Tensor, w: PackedWeight, *, bias: Optional[
                         f"got {_describe(bias)}")
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"int_matmul: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
-    if a_scale.device != a_q.device or (bias is not None and bias.device != a_q.device):
+    dev = a_q.get_device()
+    if a_scale.get_device() != dev or (bias is not None and bias.get_device() != dev):
         raise ValueError(f"int_matmul: a_q, a_scale and bias must be on one device, got {a_q.device}, "
                          f"{a_scale.device}" + ("" if bias is None else f", {bias.device}"))
     _refuse_grad("int_matmul", a_scale=a_scale, bias=bias)
