@@ -84,6 +84,8 @@ def tiny_check() -> dict:
     ids = torch.randint(0, TINY["vocab_size"], (1, 8))
     result = {}
     for name, m in variants(model).items():
+        if name == "bf16":
+            continue  # the hdrq layers are what is checked
         _, eager = generate_s(m, ids, 6, device)
         result[f"{name} graph breaks"] = graph_breaks(m, ids)
         compile_forward(m, "eager")
