@@ -100,6 +100,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="shorter prompt and decode")
     ap.add_argument("--tiny", action="store_true", help="CPU: tiny model, check the pipeline and the compile")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new model after this many seconds")
     args = ap.parse_args()
     if args.tiny:
         result = tiny_check()
@@ -112,8 +113,13 @@ def main() -> int:
     prompt, new = (128, 32) if args.quick else (512, 128)
     model = build(FULL, device, torch.bfloat16)
     ids = torch.randint(0, FULL["vocab_size"], (1, prompt), device=device)
-    rows, first = [], {}
-    for name, m in variants(model).items():
+    rows, first, skipped = [], {}, []
+    t_start = time.perf_counter()
+    models = variants(model, bits_list=(6, 8))  # bf16, then the headline W6A6, then W8A8
+    for name, m in models.items():
+        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+            skipped.append(name)
+            continue
         t0 = time.perf_counter()
         compile_forward(m, "inductor", "reduce-overhead")
         for _ in range(2):  # compile (prefill and decode shapes), then the CUDA graphs' warm-up and capture
@@ -140,7 +146,8 @@ def main() -> int:
         ["model", "prefill ms", "decode tokens/s", "prefill speed-up", "decode speed-up", "compile s",
          "first 16 tokens = bf16"], rows,
         "Greedy generate with a static KV cache; every nn.Linear converted (RTN, dynamic per-token inputs). Decode "
-        "tokens/s = N / (time of 1 + N tokens - time of 1 token); best of three runs after two warm-up runs.")])
+        "tokens/s = N / (time of 1 + N tokens - time of 1 token); best of three runs after two warm-up runs."
+        + (f" Left out (time budget): {', '.join(skipped)}." if skipped else ""))])
     return 0
 
 
