@@ -13,7 +13,8 @@ forward + backward (``fake_quant`` and ``noise_fake_quant``, per-channel, ``torc
 quantizer in a chain of 16 under one backward (as in a calibration step). Beside them, on the same machine and in
 the same run: the stubs called directly, and the same quantizer through a bare ``torch.autograd.Function`` around
 the stubs (no dispatcher): the floor of any autograd-based design. Then cProfile (own time per function) of each
-case. Timing: the best of several repeats of the mean over many calls (``time.perf_counter``).
+case. Timing: rounds that time every case in turn (the mean over many calls, ``time.perf_counter``), the best round
+of each case kept, so that cases and floors see the same quiet moments of a shared machine.
 
     python bench/host_cost.py [--out host_cost.json] [--calls 2000]
 """
@@ -78,17 +79,21 @@ def stub_kernels() -> torch.library.Library:
     return lib
 
 
-def per_call_us(fn, calls: int, repeats: int = 7) -> float:
-    """Best over ``repeats`` of the mean host time of ``calls`` calls of ``fn``."""
-    for _ in range(min(200, calls)):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(fns: dict, calls: int, rounds: int = 15) -> dict:
+    """For each ``name: (fn, calls_per_invocation)``: the best over ``rounds`` of the mean host time per call, the
+    cases timed in turn within each round."""
+    for fn, _ in fns.values():
+        for _ in range(50):
             fn()
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best * 1e6
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, (fn, per) in fns.items():
+            n = max(1, calls // per)
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / (n * per))
+    return {name: v * 1e6 for name, v in best.items()}
 
 
 def profile_text(fn, calls: int, top: int = 14) -> str:
@@ -166,25 +171,20 @@ def main() -> int:
     rows, profiles = [], {}
     try:
         measured, floors = cases()
-        for name, (target_key, fn) in measured.items():
-            per = 1
-            if isinstance(fn, tuple):
-                fn, per = fn
-            us = per_call_us(fn, max(1, args.calls // per)) / per
+        fns = {name: fn if isinstance(fn, tuple) else (fn, 1) for name, (_, fn) in measured.items()}
+        fns.update({name: (fn, 1) for name, fn in floors.items()})
+        us = per_call_us(fns, args.calls)
+        for name, (target_key, _) in measured.items():
             target = TARGETS_US[target_key]
-            rows.append([name, round(us, 1), target, "yes" if us <= target else "no"])
+            rows.append([name, round(us[name], 1), target, "yes" if us[name] <= target else "no"])
+            fn, per = fns[name]
             profiles[name] = profile_text(fn, max(1, args.calls // (4 * per)))
-            print(f"{name}: {us:.1f} us per call (target {target:.0f})", flush=True)
-        for name, fn in floors.items():
-            us = per_call_us(fn, args.calls)
-            rows.append([name, round(us, 1), "", ""])
-            print(f"{name}: {us:.1f} us per call", flush=True)
+        rows += [[name, round(us[name], 1), "", ""] for name in floors]
     finally:
         lib._destroy()
     doc = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                        "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
            "columns": ["case", "host us per call", "target us", "met"], "rows": rows, "profiles": profiles}
-    print()
     for r in rows:
         print(" | ".join(str(v) for v in r))
     for name, text in profiles.items():

@@ -324,3 +324,17 @@ def test_grouped_weights_are_16_byte_aligned():
         assert w.is_contiguous() and (w.data_ptr() - q.qweight.data_ptr()) % 16 == 0
         assert (packed.bits, packed.shape) == (6, (2, 36)) and w.shape == (2, 27)
         assert torch.equal(packed.scale, q.weight_scale[2 * g: 2 * g + 2])
+
+
+@pytest.mark.parametrize("act_scale", [None, 0.05])
+@pytest.mark.parametrize("bits", [6, 8])
+def test_qlinear_compiles_without_graph_breaks(bits, act_scale):
+    """The deploy layer under torch.compile(fullgraph=True): its ops trace through their fakes, the PackedWeight is
+    read off the module, and the result is the eager one."""
+    torch.manual_seed(0)
+    q = QLinear.from_float(nn.Linear(36, 40), bits, bits, act_scale=act_scale)
+    x = torch.randn(3, 5, 36)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), q(x))
