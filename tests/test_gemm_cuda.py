@@ -448,6 +448,9 @@ def test_opcheck_cuda(cuda_backend):
     opcheck(torch.ops.hdrq.int_gemm.default,
             (out, a, torch.rand(1, device="cuda"), w.data, torch.rand(40, device="cuda"), None, counters, partials, 6,
              0, 0, 1))
+    q6, w6 = weights(48, 96, 6)
+    opcheck(torch.ops.hdrq.expand_w6.default, (torch.empty(48, 96, dtype=torch.int8, device="cuda"), w6.data, 48, 96))
+    assert torch.ops.hdrq.gemm_info(0, 0, 8)[0] == 16  # no tensor arguments: the CompositeExplicitAutograd kernel
 
 
 def test_device_table_routes(cuda_backend, monkeypatch):
