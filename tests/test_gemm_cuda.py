@@ -488,8 +488,7 @@ def test_inputs_a_path_cannot_take_run_the_triton_gemm(cuda_backend, force_path,
 
 @pytest.mark.parametrize("path", ["triton", "int_mm"])
 @pytest.mark.parametrize("bits", [6, 8])
-@pytest.mark.parametrize("m,n,k", [(17, 4104, 300), (129, 520, 1000), (2048, 4096, 4096), (300, 272, 640),
-                                   (64, 14336, 4096)])
+@pytest.mark.parametrize("m,n,k", [(17, 4104, 300), (300, 272, 640), (64, 14336, 4096)])
 def test_triton_and_int_mm_routes_poisoned(cuda_backend, force_path, monkeypatch, path, bits, m, n, k):
     """Every output and workspace the Triton side allocates poisoned (NaN / sentinel): bf16 / fp16 / fp32 outputs
     bit-identical to the reference, per-token and per-tensor scales, with and without bias."""
@@ -519,13 +518,12 @@ def test_every_triton_candidate_config(cuda_backend, config):
     if config >= len(kg.CANDIDATES):
         pytest.skip("fewer candidates")
     cfg = kg.CANDIDATES[config]
-    for m, n, k, bits in [(cfg.bm + 3, 4104, 1000, 8), (5, 272, 4128, 6)]:
-        q, w = weights(n, k, bits, scale=torch.rand(n, device="cuda") + 0.1)
-        a = acts(m, k)
-        assert torch.equal(kg.int_matmul_int32(a, w.data, bits, n, cfg), ref.int_matmul_acc(a, q))
-        a_s = torch.rand(m, device="cuda") + 0.1
-        assert torch.equal(kg.int_matmul(a, a_s, w.data, w.scale, bits, None, torch.bfloat16, cfg),
-                           ref.int_matmul(a, a_s, w.data, w.scale, bits, None, torch.bfloat16))
+    m, n, k, bits = (cfg.bm + 3, 4104, 1000, 8) if config % 2 else (5, 272, 4128, 6)  # one compile per config
+    q, w = weights(n, k, bits, scale=torch.rand(n, device="cuda") + 0.1)
+    a = acts(m, k)
+    a_s = torch.rand(m, device="cuda") + 0.1
+    assert torch.equal(kg.int_matmul(a, a_s, w.data, w.scale, bits, None, torch.bfloat16, cfg),
+                       ref.int_matmul(a, a_s, w.data, w.scale, bits, None, torch.bfloat16))
 
 
 def test_public_op_matches_reference_backend(cuda_backend):
