@@ -678,6 +678,8 @@ def test_cuda_no_host_sync_and_side_stream():
     x = rand_x((2048, 2048), device="cuda")
     s = rand_scale((2048, 2048), 0, device="cuda")
     expect = ref.noise_fake_quant(x, s, 4, True, 0, 1, "histogram")
+    w = ops.PackedWeight(torch.randint(-128, 128, (64, 2048), dtype=torch.int8, device="cuda"), 8, (64, 2048),
+                         s[:64].contiguous())  # built (its step sizes checked: a sync) before the watched region
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -686,7 +688,11 @@ def test_cuda_no_host_sync_and_side_stream():
             y = ops.noise_fake_quant(x, s, bits=4, axis=0, seed=1, mode="histogram")
             dx, ds = kq.noise_fake_quant_backward(x, x, s, 4, True, 0, 1, "uniform")
             q, sc = ops.quantize_per_token(x, bits=8)
+            qs = ops.quantize_per_tensor(x, s[:1], bits=8, signed=False, zero_point=-128)
+            out = ops.int_matmul(q, sc, w)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     stream.synchronize()
     assert_same(y, expect, zeros_equal=True)
+    assert_same(qs, ref.quantize_per_tensor(x, s[:1], 8, False, -128))
+    assert_same(out, ref.int_matmul(q, sc, w.data, w.scale, 8, None, torch.bfloat16))
