@@ -6,8 +6,8 @@ for ``l`` in ``linspace(0, 1, steps)``, ``barrier = max_l L(theta(l)) - (L(theta
 
 What is evaluated at each point: a copy of ``model_a`` in eval mode in which *every* floating parameter and
 buffer is ``torch.lerp(a, b, l)`` of the two models' tensors: weights, biases, norm parameters, BatchNorm
-running statistics, and for quantized models the float weights and every quantizer's step size (weights'
-and activations'). Non-floating buffers are model a's. So at ``l = 0`` and ``l = 1`` the two models are
+running statistics, and for quantized models the float weights and every quantizer's step size (weights',
+layer inputs' and residual-block boundaries'). Non-floating buffers are model a's. So at ``l = 0`` and ``l = 1`` the two models are
 reproduced exactly, and a model paired with itself gives the same model at every point (barrier 0).
 
 * ``quant_noise=False``: the point is evaluated as it is. Float models: the plain float interpolation.

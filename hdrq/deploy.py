@@ -41,8 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .nn import ACT_MODES, OBSERVERS, OFF_ACT_MODES, QConv2d, QLAYERS, QLinear, qlayers
-from .quant.layers import QuantConv2d, QuantLinear
+from .nn import ACT_MODES, OBSERVERS, OFF_ACT_MODES, ActQuant, QConv2d, QLAYERS, QLinear, qlayers
+from .quant.boundary import attach_block_quantizer, is_boundary_quantizer
+from .quant.layers import QuantConv2d, QuantLinear, set_module
+from .quant.quantizer import Quantizer
 
 __all__ = ["ConvertConfig", "convert", "save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -94,8 +96,10 @@ class ConvertConfig:
                 raise ValueError(f"ConvertConfig: {name} must be an int from 2 to 8, got {v!r}")
 
 
-def _convert_one(m: nn.Module, cfg: ConvertConfig) -> Optional[nn.Module]:
-    """The integer layer for ``m``, or None if ``m`` is not converted."""
+def _convert_one(m: nn.Module, cfg: ConvertConfig, name: str = "") -> Optional[nn.Module]:
+    """The integer layer for ``m`` (at path ``name``), or None if ``m`` is not converted."""
+    if isinstance(m, Quantizer) and is_boundary_quantizer(name):
+        return ActQuant.from_quantizer(m) if m.mode != "off" else nn.Identity()
     if isinstance(m, QuantLinear):
         return QLinear.from_quant(m, act=cfg.act, off_act=cfg.off_act)
     if isinstance(m, QuantConv2d):
@@ -105,12 +109,6 @@ def _convert_one(m: nn.Module, cfg: ConvertConfig) -> Optional[nn.Module]:
     if cfg.w_bits is not None and type(m) is nn.Conv2d:
         return QConv2d.from_float(m, cfg.w_bits, cfg.a_bits, observer=cfg.observer)
     return None
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 @torch.no_grad()
@@ -134,6 +132,7 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None, *, verbose
     # every path (a layer registered twice is converted once and stays shared)
     targets = [(name, m) for name, m in out.named_modules(remove_duplicate=False)
                if name not in cfg.skip and (isinstance(m, (QuantLinear, QuantConv2d))
+                                            or (isinstance(m, Quantizer) and is_boundary_quantizer(name))
                                             or (cfg.w_bits is not None and type(m) in (nn.Linear, nn.Conv2d)))]
     if not targets:
         raise ValueError("convert: the model has no QuantLinear / QuantConv2d to convert (pass w_bits and a_bits "
@@ -142,10 +141,10 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None, *, verbose
     for name, m in tqdm(targets, desc="hdrq.convert", disable=not verbose, leave=False):
         if id(m) not in done:
             try:
-                done[id(m)] = _convert_one(m, cfg)
+                done[id(m)] = _convert_one(m, cfg, name)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"convert: layer {name!r}: {e}") from None
-        _set_module(out, name, done[id(m)])
+        set_module(out, name, done[id(m)])
     out.hdrq_deploy = {**dataclasses.asdict(cfg), "skip": list(cfg.skip)}  # as it reads back from JSON
     return out
 
@@ -181,7 +180,7 @@ _KNOWN: dict[type, Callable[[nn.Module], dict]] = {
     nn.Linear: _with_bias("in_features", "out_features"),
     nn.Conv2d: _with_bias("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                           "padding_mode"),
-    QLinear: QLinear.spec, QConv2d: QConv2d.spec,
+    QLinear: QLinear.spec, QConv2d: QConv2d.spec, ActQuant: ActQuant.spec,
 }
 _BY_NAME = {f"{t.__module__}.{t.__qualname__}": t for t in _KNOWN}
 
@@ -214,7 +213,7 @@ def _build(entry: dict, device) -> nn.Module:
         raise ValueError(f"module {entry['path']!r} is a {entry['type']}, which hdrq cannot rebuild from a file")
     spec = entry["spec"]
     try:
-        if cls in QLAYERS:
+        if cls in QLAYERS or cls is ActQuant:
             return cls(**spec, device=device)
         return cls(**{k: _tuples(v) for k, v in spec.items()})
     except (TypeError, ValueError) as e:
@@ -349,9 +348,33 @@ def _geometry_matches(skel: nn.Module, spec: dict) -> Optional[str]:
 _REPLACEABLE = {QLinear: (nn.Linear, QuantLinear, QLinear), QConv2d: (nn.Conv2d, QuantConv2d, QConv2d)}
 
 
+def _place(parent: nn.Module, path: str, module: nn.Module) -> None:
+    """Put a rebuilt module at ``path`` under its ``parent``: a block-boundary rounding step goes back with its
+    hook (``hdrq.quant.boundary``), anything else as an ordinary child."""
+    child = path.rpartition(".")[2]
+    if isinstance(module, ActQuant) and is_boundary_quantizer(path):
+        attach_block_quantizer(parent, "input" if child.startswith("block_input") else "output", module)
+    else:
+        parent.add_module(child, module)
+
+
+def _build_act_quant(entry: dict, tensors: dict[str, Tensor], device) -> ActQuant:
+    where = f"hdrq.load: module {entry['path']!r}"
+    if set(tensors) != {"scale"} or tuple(tensors["scale"].shape) != (1,) or tensors["scale"].dtype != torch.float32:
+        raise ValueError(f"{where}: an ActQuant needs one float32 tensor 'scale' of shape (1,), got "
+                         f"{ {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()} }")
+    m = _build(entry, device)
+    try:
+        return m.set_scale(tensors["scale"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def _plan_skeleton(model: nn.Module, modules: list[dict]) -> tuple[dict[str, type], set[str]]:
     """Check the skeleton against the file's module list. Returns {path: integer layer class} to build and
-    the paths where a folded BatchNorm becomes nn.Identity. Raises ValueError on any mismatch."""
+    the paths where a folded BatchNorm becomes nn.Identity. Raises ValueError on any mismatch. Block-boundary
+    rounding steps (``ActQuant``) are the file's own: the skeleton may have a quantizer there (a fake-quant
+    skeleton) or nothing (the float architecture), but the block they belong to must exist."""
     skel = dict(model.named_modules(remove_duplicate=False))
     qbuild, folded = {}, set()
     for e in modules:
@@ -360,14 +383,19 @@ def _plan_skeleton(model: nn.Module, modules: list[dict]) -> tuple[dict[str, typ
             qbuild[e["path"]] = cls
         elif cls is nn.Identity and isinstance(skel.get(e["path"]), (nn.BatchNorm1d, nn.BatchNorm2d)):
             folded.add(e["path"])
+        elif cls is ActQuant and (not is_boundary_quantizer(e["path"]) or _owner(e["path"]) not in skel):
+            raise ValueError(f"hdrq.load: the file has an activation rounding step at {e['path']!r}, but the model "
+                             f"has no module {_owner(e['path'])!r} for it")
     replaced = set(qbuild) | folded
-    file_paths = {e["path"] for e in modules}
-    skel_paths = {p for p in skel if not (p not in replaced and _under(p, replaced))}
+    file_paths = {e["path"] for e in modules if not is_boundary_quantizer(e["path"])}
+    skel_paths = {p for p in skel if not (p not in replaced and _under(p, replaced)) and not is_boundary_quantizer(p)}
     if file_paths != skel_paths:
         only_file, only_model = sorted(file_paths - skel_paths), sorted(skel_paths - file_paths)
         raise ValueError(f"hdrq.load: the model does not have the file's module structure: modules only in the "
                          f"file {only_file[:8]}, only in the model {only_model[:8]}")
     for e in modules:
+        if is_boundary_quantizer(e["path"]):
+            continue
         p, m = e["path"], skel[e["path"]]
         where = f"module {p!r}" if p else "the root module"
         if p in qbuild:
@@ -413,9 +441,13 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
     info, tensors = _read(path)
     modules = info["modules"]
     qentries = {e["path"]: e for e in modules if _BY_NAME.get(e["type"]) in QLAYERS}
-    rest = {k: v for k, v in tensors.items() if not _under(_owner(k), set(qentries))}
+    aentries = {e["path"]: e for e in modules if _BY_NAME.get(e["type"]) is ActQuant}
+    built_paths = set(qentries) | set(aentries)
+    rest = {k: v for k, v in tensors.items() if not _under(_owner(k), built_paths)}
 
     def build_q(p: str, dev) -> nn.Module:
+        if p in aentries:
+            return _build_act_quant(aentries[p], _layer_tensors(tensors, p), dev)
         layer = _build(qentries[p], dev)
         try:
             return layer.load_canonical(_layer_tensors(tensors, p), where=f"hdrq.load: layer {p!r}")
@@ -429,14 +461,13 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
             raise ValueError(f"hdrq.load: {path} holds a {e['type']} at {e['path']!r} (a module class hdrq cannot "
                              f"rebuild from a file); pass the architecture: hdrq.load(path, model=<an instance of "
                              f"the float model>)")
-        built = {e["path"]: (build_q(e["path"], device) if e["path"] in qentries else _build(e, None))
+        built = {e["path"]: (build_q(e["path"], device) if e["path"] in built_paths else _build(e, None))
                  for e in modules}
         for p, m in built.items():
             if p:
-                parent, _, child = p.rpartition(".")
-                built[parent].add_module(child, m)
+                _place(built[p.rpartition(".")[0]], p, m)
         result = built[""]
-        _check_rest({k: v for k, v in result.state_dict().items() if not _under(_owner(k), set(qentries))}, rest)
+        _check_rest({k: v for k, v in result.state_dict().items() if not _under(_owner(k), built_paths)}, rest)
     else:
         if not isinstance(model, nn.Module):
             raise TypeError(f"load: model must be an nn.Module skeleton, got {type(model).__name__}")
@@ -445,8 +476,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
             raise ValueError("hdrq.load: the model has tensors on the meta device; pass device= to say where the "
                              "loaded model goes")
         skel = dict(model.named_modules(remove_duplicate=False))
-        new = {p: build_q(p, device if device is not None else _module_device(skel[p])) for p in qbuild}
-        replaced = set(qbuild) | folded
+        new = {p: build_q(p, device if device is not None else _module_device(skel.get(p, skel[_owner(p)])))
+               for p in [*qbuild, *aentries]}
+        replaced = set(qbuild) | folded | set(aentries)
         target = {k: v for k, v in model.state_dict().items() if not _under(_owner(k), replaced)}
         _check_rest(target, rest)
         # Everything is checked: only now is the skeleton modified.
@@ -454,9 +486,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
             result = new[""]
         else:
             for p, m in new.items():
-                _set_module(model, p, m)
+                _place(model.get_submodule(_owner(p)), p, m)
             for p in folded:
-                _set_module(model, p, nn.Identity())
+                set_module(model, p, nn.Identity())
             result = model
     if rest:
         # assign=True: the file's tensors become the parameters (no second copy in memory, and a skeleton

@@ -52,7 +52,7 @@ from .quant.layers import QuantConv2d, QuantLinear
 from .quant.observers import minmax_scale, mse_scale
 from .reference import qrange
 
-__all__ = ["QLinear", "QConv2d", "QLAYERS", "ACT_MODES", "OFF_ACT_MODES", "OBSERVERS", "storage_bits", "qlayers"]
+__all__ = ["QLinear", "QConv2d", "ActQuant", "QLAYERS", "ACT_MODES", "OFF_ACT_MODES", "OBSERVERS", "storage_bits", "qlayers"]
 
 ACT_MODES = ("static", "dynamic", "float")
 OBSERVERS = ("mse", "minmax")
@@ -570,3 +570,61 @@ def qlayers(model: nn.Module):
     for name, m in model.named_modules():
         if isinstance(m, QLAYERS):
             yield name, m
+
+
+# ======================================================================================================
+# ActQuant
+# ======================================================================================================
+
+
+class ActQuant(nn.Module):
+    """An exact rounding step onto a calibrated activation grid: ``s * clamp(round(x * (1/s)), qmin, qmax)``,
+    the arithmetic of ``hdrq.ops.fake_quant`` (one step size, signed or unsigned ``bits``-bit grid), in the
+    input's dtype. :func:`hdrq.convert` puts one in place of each block-boundary quantizer (see
+    ``hdrq.quant.boundary``: a residual block's output after the add, under the "output" activation
+    placement), so the converted model keeps the residual stream on the grid the calibration chose. The
+    integer layers reading it are static with the same step size and recover its integers exactly."""
+
+    scale: Tensor
+
+    def __init__(self, bits: int, signed: bool = True, *, device=None):
+        super().__init__()
+        ops._check_bits(bits)
+        self.bits, self.signed = int(bits), bool(signed)
+        self.register_buffer("scale", torch.ones(1, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_quantizer(cls, q: nn.Module) -> "ActQuant":
+        """The rounding step of a hard-mode per-tensor ``hdrq.quant.Quantizer``, step size copied exactly."""
+        if getattr(q, "mode", None) != "hard" or getattr(q, "axis", 0) is not None or q.rounding is not None:
+            raise ValueError(f"ActQuant.from_quantizer takes a per-tensor quantizer in mode 'hard' with no rounding "
+                             f"hook, got {q!r}")
+        m = cls(q.bits, q.signed, device=q.scale.device)
+        m.set_scale(q.step_size().detach())
+        return m
+
+    @torch.no_grad()
+    def set_scale(self, scale) -> "ActQuant":
+        s = torch.as_tensor(scale, dtype=torch.float32).detach().reshape(-1)
+        if s.numel() != 1 or not (bool(torch.isfinite(s).all()) and bool((s > 0).all())):
+            raise ValueError(f"ActQuant: scale must be one finite value > 0, got {s.tolist()}")
+        self.scale = s.to(self.scale.device).clone()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.fake_quant(x, self.scale, bits=self.bits, signed=self.signed)
+
+    def _apply(self, fn, recurse=True):
+        # As the integer layers: device moves only, the fp32 step size is never cast.
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = buf.to(moved.device) if moved.dtype != buf.dtype else moved
+        return self
+
+    def spec(self) -> dict:
+        return {"bits": self.bits, "signed": self.signed}
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"

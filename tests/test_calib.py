@@ -12,7 +12,7 @@ from torch import nn
 
 import hdrq
 from hdrq.calib import QuantConfig
-from hdrq.quant import QuantConv2d, QuantLinear, quant_layers
+from hdrq.quant import QuantConv2d, QuantLinear, boundary_quantizers, quant_layers
 
 METHODS = ("rtn", "brecq", "qdrop", "hdrq")
 HAS_CUDA = torch.cuda.is_available()
@@ -151,13 +151,25 @@ def quick(method, **kw):
     return QuantConfig.preset(method, **{**base, **kw})
 
 
-def check_hard_state(q, model, cfg):
-    """The quantized-model contract (see the project notes): every layer quantized and exactly on its grid."""
+def check_hard_state(q, model, cfg, reads_input="first"):
+    """The quantized-model contract (see the project notes): every layer quantized and exactly on its grid;
+    every activation quantizer hard. Under the "output" placement the layer that reads the network's input
+    (``reads_input``: by default the first layer, as these test models feed it straight in; None for none)
+    does not quantize it."""
     assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in q.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
     layers = dict(quant_layers(q))
     assert layers
+    first = next(iter(layers)) if reads_input == "first" else reads_input
+    for _, _, bq in boundary_quantizers(q):
+        assert cfg.act_placement == "output" and cfg.a_bits is not None
+        assert bq.mode == "hard" and bq.drop_prob == 0.0 and not bq.training and bool(bq.scale > 0)
     for name, layer in layers.items():
+        if name == first and cfg.act_placement == "output":
+            assert layer.act_quantizer.mode == "off"
+            layer.act_quantizer.mode = "hard" if cfg.a_bits is not None else "off"  # for the checks below
+        else:
+            first = None
         wq, aq = layer.weight_quantizer, layer.act_quantizer
         s = wq.step_size().detach()
         s = s.reshape(-1, *[1] * (layer.weight.dim() - 1)) if wq.axis == 0 else s
@@ -169,6 +181,8 @@ def check_hard_state(q, model, cfg):
         assert aq.axis is None and aq.drop_prob == 0.0 and not aq.training
         assert aq.mode == ("off" if cfg.a_bits is None else "hard"), name
         assert bool(torch.all(aq.scale > 0)) and bool(torch.all(wq.scale > 0))
+        if first is not None:
+            aq.mode = "off"
     assert q.hdrq_config == cfg.to_dict()
     assert not q.training
     return layers
@@ -199,7 +213,7 @@ def test_every_method_w8a8_hard_state_and_close_to_fp(request, task_name, method
 
 
 def test_w4a4_grids_first_last_bits_and_signedness(cnn_task):
-    cfg = quick("qdrop", w_bits=4, a_bits=4, granularity="channel")
+    cfg = quick("qdrop", w_bits=4, a_bits=4, granularity="channel", act_placement="input")
     q = hdrq.quantize(cnn_task["model"], cnn_task["calib"][:64], cfg)
     layers = check_hard_state(q, cnn_task["model"], cfg)
     bits = {n: (l.weight_quantizer.bits, l.act_quantizer.bits) for n, l in layers.items()}
@@ -280,16 +294,17 @@ def test_noise_to_hard_switch_at_the_configured_iteration(mlp_task, noise_mode, 
     original = hdrq.calib.engine.build_quant_model
 
     def build_and_hook(*a, **kw):
-        qmodel, enabled = original(*a, **kw)
+        qmodel = original(*a, **kw)
         for name, layer in quant_layers(qmodel):
             layer.register_forward_pre_hook(record(name))
-        return qmodel, enabled
+        return qmodel
 
     monkeypatch.setattr(hdrq.calib.engine, "build_quant_model", build_and_hook)
     q = hdrq.quantize(model, mlp_task["calib"][:64], cfg, source=model)
     assert set(seen) == {"0", "2", "4", "6"}
     for name, modes in seen.items():
-        assert modes == [("noise", "noise", noise_mode)] * 6 + [("hard", "hard", noise_mode)] * 4, name
+        act = ("off", "off") if name == "0" else ("noise", "hard")  # "0" reads the network's input
+        assert modes == [("noise", act[0], noise_mode)] * 6 + [("hard", act[1], noise_mode)] * 4, name
     check_hard_state(q, model, cfg)
 
 
@@ -372,7 +387,7 @@ def test_hf_style_decoder_layers_with_token_ids(method):
     ids = torch.randint(0, 11, (24, 6))
     cfg = quick(method, iters=4)
     q = hdrq.quantize(model, ids, cfg, source=model if method == "hdrq" else None)
-    check_hard_state(q, model, cfg)
+    check_hard_state(q, model, cfg, reads_input=None)  # the layers read embeddings, quantized
     assert [(r["name"], r["kind"]) for r in q.hdrq_report] == [("layers.0", "transformer"),
                                                                ("layers.1", "transformer"), ("lm_head", "layer")]
     assert isinstance(q.embed_tokens, nn.Embedding)  # not a Conv2d/Linear: left float

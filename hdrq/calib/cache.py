@@ -131,7 +131,9 @@ def capture(model: nn.Module, block: nn.Module, data: Tensor, batch_size: int, d
         seen.setdefault("out", output)
         raise _StopForward
 
-    handles = [block.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    # prepend: the call's arguments as the caller passed them, before the block's own hooks (a block input
+    # quantizer belongs to the block and is reconstructed with it).
+    handles = [block.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)]
     if outputs:
         handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
     stores: list[Optional[CapturedCalls]] = [None, None]

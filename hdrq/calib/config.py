@@ -7,14 +7,20 @@ explicitly overrides the preset. Where the defaults come from:
 
 * BRECQ (Li et al. 2021) and QDrop (Wei et al. 2022) reference code: AdaRound with the rectified sigmoid
   (zeta 1.1, gamma -0.1), rounding regulariser weight 0.01 with beta annealed 20 -> 2 after a 20 % warm-up,
-  Adam at its default lr 1e-3 for the rounding variables, activation step sizes by LSQ with Adam 4e-5 and
-  cosine decay, 20,000 iterations per block, batch 32; BRECQ learns activation step sizes in a second
-  stage (5,000 iterations); QDrop learns them jointly and drops quantization with probability 0.5.
+  Adam at its default lr 1e-3 for the rounding variables, 20,000 iterations per block; BRECQ learns
+  activation step sizes in a second stage (5,000 iterations, LSQ with Adam 4e-4 and an Lp reconstruction
+  loss with p = 2.4); QDrop learns them jointly (LSQ, Adam 4e-5, cosine decay) and drops quantization with
+  probability 0.5.
 * HDRQ (Shin et al., ICML 2025) reference code: continuous weights and weight step sizes learned with Adam
   lr 1e-4, linear warm-up over the first 20 % (from 1e-3 x lr) then cosine; noise quantization for the
   first 80 % of iterations (noise drawn from the 256-bin histogram of the actual rounding errors), then
   hard rounding; distance term 5e-2 x sum of Frobenius norms to the source weights; per-tensor weight
   step sizes; QDrop's drop probability 0.5.
+
+Every method quantizes activations where the authors' code (QDrop's convention) does: ``act_placement =
+"output"``, see :class:`QuantConfig`. The presets use batch 32 per iteration (QDrop's and BRECQ's papers);
+:meth:`QuantConfig.authors` gives the HDRQ authors' protocol on top of a preset: one calibration sample per
+iteration and per-tensor weight step sizes.
 """
 from __future__ import annotations
 
@@ -25,18 +31,25 @@ from typing import Any, Optional
 METHODS = ("rtn", "brecq", "qdrop", "hdrq")
 GRANULARITIES = ("tensor", "channel")
 NOISE_MODES = ("uniform", "histogram")
+ACT_PLACEMENTS = ("output", "input")
 CONFIG_VERSION = 1
 
 # Per-method values of the fields that default to None.
 PRESETS: dict[str, dict[str, Any]] = {
     "rtn": dict(iters=0, act_iters=0, w_lr=0.0, a_lr=0.0, drop_prob=0.0, noise_fraction=0.0, lambda_dist=0.0),
-    "brecq": dict(iters=20000, act_iters=5000, w_lr=1e-3, a_lr=4e-5, drop_prob=0.0, noise_fraction=0.0,
-                  lambda_dist=0.0),
+    "brecq": dict(iters=20000, act_iters=5000, w_lr=1e-3, a_lr=4e-4, act_loss_p=2.4, drop_prob=0.0,
+                  noise_fraction=0.0, lambda_dist=0.0),
     "qdrop": dict(iters=20000, act_iters=0, w_lr=1e-3, a_lr=4e-5, drop_prob=0.5, noise_fraction=0.0,
                   lambda_dist=0.0),
     "hdrq": dict(iters=20000, act_iters=0, w_lr=1e-4, a_lr=4e-5, drop_prob=0.5, noise_fraction=0.8,
                  lambda_dist=5e-2),
 }
+# Fields every method shares unless set: the authors' activation placement, the plain squared error.
+COMMON_DEFAULTS: dict[str, Any] = dict(act_placement="output", act_loss_p=2.0)
+# The HDRQ authors' protocol on top of a method preset (QuantConfig.authors): one image per reconstruction
+# iteration (batch 1 out of the calibration samples) and one weight step size per layer.
+AUTHORS_SETTINGS: dict[str, Any] = dict(calib_batch_size=1, granularity="tensor", act_placement="output",
+                                        first_last_bits=8)
 
 
 @dataclass
@@ -64,6 +77,17 @@ class QuantConfig:
         drop_prob: QDrop's probability of keeping an activation element (and a block-input element) full
             precision during reconstruction; 0 disables dropping.
         noise_mode: "uniform" or "histogram" noise for HDRQ's noise quantization.
+        act_placement: where activations are quantized. ``"output"`` (the authors' and QDrop's convention):
+            each activation once, where it is produced: the output of a layer after its activation function
+            (as the input of the layer that consumes it), and each residual block's output after the add, so
+            the residual stream itself is quantized (the block's ``block_output_quantizer``; a block whose input
+            is not a quantized block output also gets a ``block_input_quantizer``); the network's input is not
+            quantized, and a layer reading a quantized block boundary takes that quantizer's grid (its own
+            input quantizer mirrors it). Transformer blocks keep one input quantizer per layer, as the authors
+            quantize transformer layers. ``"input"``: every layer quantizes its own input, the shortcut stays
+            float and the network input is quantized: an easier problem than the paper's.
+        act_loss_p: brecq only: the p of the Lp reconstruction loss in the activation stage (BRECQ: 2.4);
+            every other stage minimises the squared error.
         noise_fraction: share of HDRQ's iterations with noise quantization (the first
             ``round(noise_fraction * iters)``); the rest use hard rounding with the straight-through estimator.
         lambda_dist: weight of HDRQ's distance term ``sum_l ||W_l - W_l_source||_F``.
@@ -92,6 +116,8 @@ class QuantConfig:
     round_beta: tuple[float, float] = (20.0, 2.0)
     drop_prob: Optional[float] = None
     noise_mode: str = "histogram"
+    act_placement: Optional[str] = None
+    act_loss_p: Optional[float] = None
     noise_fraction: Optional[float] = None
     lambda_dist: Optional[float] = None
     observer_p: float = 2.4
@@ -108,10 +134,17 @@ class QuantConfig:
         """The published defaults of ``method``, with ``overrides`` applied (any field)."""
         return cls(method=method, **overrides)
 
+    @classmethod
+    def authors(cls, method: str, **overrides) -> "QuantConfig":
+        """The HDRQ authors' protocol for ``method`` (their code runs every method this way): the method's
+        preset with one calibration sample per iteration, per-tensor weight step sizes, the "output"
+        activation placement and 8-bit first and last layers; ``overrides`` on top."""
+        return cls(method=method, **{**AUTHORS_SETTINGS, **overrides})
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"QuantConfig: method must be one of {METHODS}, got {self.method!r}")
-        for name, value in PRESETS[self.method].items():
+        for name, value in {**COMMON_DEFAULTS, **PRESETS[self.method]}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.blocks is not None:
@@ -131,6 +164,11 @@ class QuantConfig:
             _bits("first_last_bits", self.first_last_bits)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"QuantConfig: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.act_placement not in ACT_PLACEMENTS:
+            raise ValueError(f"QuantConfig: act_placement must be one of {ACT_PLACEMENTS}, got {self.act_placement!r}")
+        if isinstance(self.act_loss_p, bool) or not isinstance(self.act_loss_p, (int, float)) \
+                or not self.act_loss_p > 0:
+            raise ValueError(f"QuantConfig: act_loss_p must be a number > 0, got {self.act_loss_p!r}")
         if self.noise_mode not in NOISE_MODES:
             raise ValueError(f"QuantConfig: noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
         for name in ("iters", "act_iters", "seed"):

@@ -5,12 +5,15 @@ The pipeline:
 1. **Prepare** a float copy: BatchNorm folded into the preceding convs (``hdrq.quant.fold_batchnorm``),
    ``nn.MultiheadAttention`` decomposed into four ``nn.Linear`` (so its projections can be quantized),
    float32, eval mode, on the calibration device. ``source`` (HDRQ) is prepared the same way.
-2. **Observe** one pass over the calibration data: the execution order of the ``nn.Conv2d`` /
-   ``nn.Linear`` layers (the first and last take ``first_last_bits``), whether each layer's input is ever
-   negative (``signed``), and a subsample of each input for the activation observer.
-3. **Build** the quantized copy: every layer becomes ``QuantConv2d`` / ``QuantLinear``; weight step sizes
-   from the MSE observer (Lp error, p = 2.4), activation step sizes from the MSE observer on the
-   observed inputs; per-layer noise seeds ``mix_seed(seed, layer, role)``.
+2. **Observe** one pass over the calibration data (:func:`observe`): the execution order of the
+   ``nn.Conv2d`` / ``nn.Linear`` layers (the first and last take ``first_last_bits``), whether each
+   activation point is ever negative (``signed``), a subsample of it for the activation observer, and, under
+   the "output" activation placement, which layers read a residual block's boundary (its input or its output
+   after the add) and which read the network's input.
+3. **Build** the quantized copy: every layer becomes ``QuantConv2d`` / ``QuantLinear``, each residual block
+   gets its boundary quantizers (``hdrq.quant.boundary``); weight step sizes from the MSE observer (Lp error,
+   p = 2.4), activation step sizes from the MSE observer on the observed activations; per-quantizer noise
+   seeds ``mix_seed(seed, layer, role)``.
 4. **Reconstruct** (brecq, qdrop, hdrq) block by block in execution order (``hdrq.calib.blocks``): cache
    the block's inputs and targets (``hdrq.calib.cache``), optimise (``hdrq.calib.reconstruct``), bake the
    result into the hard-quantized state before the next block caches its inputs.
@@ -23,6 +26,7 @@ import copy
 import dataclasses
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -30,20 +34,24 @@ from torch import Tensor, nn
 
 from ..quant import fold_batchnorm, mse_scale, to_quant_layer
 from ..quant.attention import decompose_attention
-from ..quant.layers import _QuantLayer, _set_module
+from ..quant.boundary import BLOCK_INPUT, BLOCK_OUTPUT, attach_block_quantizer
+from ..quant.layers import QuantLayer, set_module
+from ..quant.quantizer import Quantizer
 from ..reference import mix_seed
-from .blocks import Block, find_blocks, quantizable_layers
+from .blocks import Block, find_blocks, is_residual_block, quantizable_layers
 from .cache import BlockCache, canonical_device, collect_calib_data, iter_chunks
 from .config import QuantConfig
-from .reconstruct import BlockReconstructor, BlockReport, finalize_layer
+from .reconstruct import BlockReconstructor, BlockReport, finalize_layer, finalize_quantizer, first_tensor
 
 # Elements of each layer's input kept for its activation observer: the MSE search costs
 # 80 candidate scales x this, and a per-tensor range needs far fewer samples than a layer produces.
 ACT_OBSERVER_ELEMENTS = 1 << 15
 
-# Per-layer seed streams (``mix_seed(seed, layer_index, role)``) and per-block streams.
+# Per-layer seed streams (``mix_seed(seed, layer_index, role)``), per-block streams and the block-boundary
+# quantizers' streams.
 _WEIGHT_STREAM, _ACT_STREAM = 0, 1
 _BLOCK_STREAM = 1 << 20
+_BOUNDARY_STREAM = 1 << 21
 
 
 def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = None, *,
@@ -77,27 +85,29 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantizable layers (nn.Conv2d / nn.Linear)")
     source_weights = _source_weights(cfg, source, layers)
+    plan = find_blocks(fp, cfg.blocks)
+    residual = [b.name for b in plan if b.kind == "residual"
+                or (b.kind == "explicit" and is_residual_block(fp.get_submodule(b.name)))]
 
-    order, signed, samples = observe_inputs(fp, layers, data, cfg.calib_batch_size, device)
-    unused = [n for n in layers if n not in order]
+    obs = observe(fp, layers, data, cfg.calib_batch_size, device,
+                  residual_blocks=residual if cfg.a_bits is not None else None, placement=cfg.act_placement)
+    unused = [n for n in layers if n not in obs.order]
     if unused:
         warnings.warn(f"hdrq.quantize: layers {unused} were not called by the model's forward on the calibration "
                       f"data; their weights are rounded to nearest and their inputs left unquantized",
                       RuntimeWarning, stacklevel=2)
-    qmodel, act_enabled = build_quant_model(fp, layers, order, signed, samples, cfg)
+    qmodel = build_quant_model(fp, layers, obs, cfg)
 
     reports: list[dict] = []
     if cfg.method != "rtn":
-        plan = find_blocks(fp, cfg.blocks)
-        plan.sort(key=lambda b: min(order.get(l, math.inf) for l in b.layers))
+        plan.sort(key=lambda b: min(obs.order.get(l, math.inf) for l in b.layers))
         for i, blk in enumerate(plan):
-            if not any(l in order for l in blk.layers):
+            if not any(l in obs.order for l in blk.layers):
                 continue  # never executed: nothing to reconstruct against
             reports.append(_reconstruct_block(fp, qmodel, blk, i, len(plan), data, device, cfg, source_weights,
-                                              act_enabled))
+                                              obs))
 
-    for name, layer in _quant_layers(qmodel, layers):
-        finalize_layer(layer, act_enabled=act_enabled[name])
+    finalize_model(qmodel, layers, obs)
     for p in qmodel.parameters():
         p.requires_grad_(True)
     qmodel.hdrq_config = cfg.to_dict()
@@ -121,73 +131,188 @@ def prepare_float(model: nn.Module, device: torch.device | str) -> nn.Module:
     return m
 
 
+# Where a layer's input comes from, under the "output" placement (Observation.sources).
+OWN, MODEL_INPUT = "own", "model input"
+
+
+@dataclass
+class Observation:
+    """What one float pass over the calibration data shows.
+
+    order: each layer's position in execution order. signed / samples: per activation point (a layer's input,
+    keyed by the layer's name; a block boundary, keyed ``"<block>:input"`` / ``"<block>:output"``), whether it
+    was ever negative and up to ``ACT_OBSERVER_ELEMENTS`` evenly spaced elements of it. sources: per layer,
+    where its input comes from: ``OWN`` (quantized by the layer's own input quantizer), ``MODEL_INPUT`` (the
+    network's input, not quantized under the "output" placement) or a boundary key (already quantized there:
+    the layer's input quantizer mirrors it). boundaries: the boundary keys that get a quantizer, in execution
+    order."""
+
+    order: dict[str, int]
+    signed: dict[str, bool]
+    samples: dict[str, Tensor]
+    sources: dict[str, str] = field(default_factory=dict)
+    boundaries: list[str] = field(default_factory=list)
+
+
 @torch.no_grad()
-def observe_inputs(fp: nn.Module, layers: dict[str, nn.Module], data: Tensor, batch_size: int,
-                   device: torch.device) -> tuple[dict[str, int], dict[str, bool], dict[str, Tensor]]:
-    """One pass of ``fp`` over ``data``: each layer's position in execution order, whether its input was
-    ever negative, and up to ``ACT_OBSERVER_ELEMENTS`` evenly spaced elements of its inputs."""
+def observe(fp: nn.Module, layers: dict[str, nn.Module], data: Tensor, batch_size: int, device: torch.device, *,
+            residual_blocks: Optional[Sequence[str]] = None, placement: str = "input") -> Observation:
+    """One pass of ``fp`` over ``data`` (see :class:`Observation`). Under ``placement="output"``, the
+    boundaries of ``residual_blocks`` are quantized and the network's input is not; which tensor feeds which
+    layer is read off the first batch by object identity: a layer whose input *is* a quantized boundary's
+    tensor (a block's output, or its input) reads it quantized. Under ``"input"`` every layer quantizes its own
+    input."""
     order: dict[str, int] = {}
     mins: dict[str, Tensor] = {}
-    kept: dict[str, list[Tensor]] = {n: [] for n in layers}
+    kept: dict[str, list[Tensor]] = {}
+    sources: dict[str, str] = {}
+    boundaries: list[str] = []
     per_batch = max(1, ACT_OBSERVER_ELEMENTS // math.ceil(data.shape[0] / batch_size))
+    output_placement = placement == "output"
+    residual_blocks = residual_blocks if output_placement and residual_blocks else ()
+    state: dict[str, Any] = {"first": True, "input": None, "produced": {}}
 
-    def hook(name):
+    def record(key: str, x: Tensor) -> None:
+        x = x.detach()
+        m = x.amin().float()
+        mins[key] = m if key not in mins else torch.minimum(mins[key], m)
+        flat = x.reshape(-1)
+        stride = max(1, -(-flat.numel() // per_batch))
+        kept.setdefault(key, []).append(flat[::stride].float())
+
+    def produce(key: str, x: Tensor) -> None:
+        # keep a reference: the id of a freed tensor could be reused within the batch
+        state["produced"][id(x)] = (key, x)
+        if key not in boundaries:
+            boundaries.append(key)
+
+    def layer_hook(name):
         def pre(module, args):
-            x = args[0].detach()
+            x = args[0]
             order.setdefault(name, len(order))
-            m = x.amin().float()
-            mins[name] = m if name not in mins else torch.minimum(mins[name], m)
-            flat = x.reshape(-1)
-            stride = max(1, -(-flat.numel() // per_batch))
-            kept[name].append(flat[::stride].float())
+            if output_placement and state["first"] and name not in sources:
+                src = state["produced"].get(id(x))
+                sources[name] = src[0] if src is not None else MODEL_INPUT if x is state["input"] else OWN
+            if sources.get(name, OWN) == OWN:
+                record(name, x)
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    def block_pre_hook(name):
+        def pre(module, args):
+            x = args[0] if args else None
+            key = f"{name}:input"
+            if state["first"] and isinstance(x, Tensor) and x is not state["input"] \
+                    and id(x) not in state["produced"]:
+                produce(key, x)
+            if key in boundaries:
+                record(key, x)
+        return pre
+
+    def block_post_hook(name):
+        def post(module, args, output):
+            key = f"{name}:output"
+            out = first_tensor(output)
+            if state["first"]:
+                produce(key, out)
+            record(key, out)
+        return post
+
+    handles = [m.register_forward_pre_hook(layer_hook(n)) for n, m in layers.items()]
+    for name in residual_blocks:
+        block = fp.get_submodule(name)
+        handles.append(block.register_forward_pre_hook(block_pre_hook(name)))
+        handles.append(block.register_forward_hook(block_post_hook(name)))
     try:
         for _, x in iter_chunks(data, batch_size, device):
+            state["input"] = x
             fp(x)
+            state["first"] = False
+            state["produced"].clear()
     finally:
         for h in handles:
             h.remove()
-    signed = {n: bool(mins[n] < 0) for n in mins}
-    samples = {n: torch.cat(v) for n, v in kept.items() if v}
-    return order, signed, samples
+    signed = {n: bool(m < 0) for n, m in mins.items()}
+    samples = {n: torch.cat(v) for n, v in kept.items()}
+    return Observation(order, signed, samples, sources, boundaries)
 
 
-def build_quant_model(fp: nn.Module, layers: dict[str, nn.Module], order: dict[str, int], signed: dict[str, bool],
-                      samples: dict[str, Tensor], cfg: QuantConfig) -> tuple[nn.Module, dict[str, bool]]:
-    """A copy of ``fp`` with every layer quantized and its step sizes set from the observers."""
+def _boundary(key: str) -> tuple[str, str]:
+    """``"layer1.0:output"`` -> ``("layer1.0", "output")``."""
+    block, _, where = key.rpartition(":")
+    return block, where
+
+
+def build_quant_model(fp: nn.Module, layers: dict[str, nn.Module], obs: Observation,
+                      cfg: QuantConfig) -> nn.Module:
+    """A copy of ``fp`` with every layer quantized, the block-boundary quantizers attached, and step sizes set
+    from the observers."""
     qmodel = copy.deepcopy(fp)
+    order = obs.order
     ends = set()
     if order:
         ends = {min(order, key=order.get), max(order, key=order.get)}
-    act_enabled = {}
     for i, name in enumerate(layers):
         w_bits = a_bits = None
         if name in ends and cfg.first_last_bits is not None:
             w_bits, a_bits = cfg.first_last_bits, cfg.first_last_bits if cfg.a_bits is not None else None
         w_bits = w_bits or cfg.w_bits
         a_bits = a_bits or cfg.a_bits
-        enabled = a_bits is not None and name in samples
-        act_enabled[name] = enabled
-        is_signed = signed.get(name, True)
+        own = obs.sources.get(name, OWN) == OWN
+        enabled = a_bits is not None and own and name in obs.samples
+        is_signed = obs.signed.get(name, True)
         q = to_quant_layer(layers[name], w_bits, a_bits or 8, per_channel=cfg.granularity == "channel",
                            a_signed=is_signed, a_enabled=enabled)
         wq, aq = q.weight_quantizer, q.act_quantizer
         wq.set_scale(mse_scale(q.weight.detach(), w_bits, True, axis=wq.axis, p=cfg.observer_p))
         if enabled:
-            aq.set_scale(mse_scale(samples[name], a_bits, is_signed, p=cfg.observer_p))
+            aq.set_scale(mse_scale(obs.samples[name], a_bits, is_signed, p=cfg.observer_p))
         wq.seed, aq.seed = mix_seed(cfg.seed, i, _WEIGHT_STREAM), mix_seed(cfg.seed, i, _ACT_STREAM)
         wq.noise_mode = aq.noise_mode = cfg.noise_mode
         aq.lsq_grad_scale = True  # LSQ's 1/sqrt(numel * qmax) on activation step sizes, as QDrop/HDRQ
         q.requires_grad_(False)
-        _set_module(qmodel, name, q.to(layers[name].weight.device).eval())
-    return qmodel, act_enabled
+        set_module(qmodel, name, q.to(layers[name].weight.device).eval())
+    # The last boundary in execution order feeds the head: it takes first_last_bits, as the authors set the
+    # last activation quantizer to 8 bits.
+    for j, key in enumerate(obs.boundaries):
+        last = j == len(obs.boundaries) - 1 and cfg.first_last_bits is not None
+        bits = cfg.first_last_bits if last else cfg.a_bits
+        signed = obs.signed.get(key, True)
+        q = Quantizer(bits, signed=signed, noise_mode=cfg.noise_mode, lsq_grad_scale=True,
+                      seed=mix_seed(cfg.seed, _BOUNDARY_STREAM, j))
+        q.set_scale(mse_scale(obs.samples[key], bits, signed, p=cfg.observer_p))
+        q.requires_grad_(False)
+        block, where = _boundary(key)
+        attach_block_quantizer(qmodel.get_submodule(block), where, q.to(obs.samples[key].device).eval())
+    return qmodel
+
+
+def _boundary_quantizer(qmodel: nn.Module, key: str) -> Quantizer:
+    block, where = _boundary(key)
+    return getattr(qmodel.get_submodule(block), BLOCK_INPUT if where == "input" else BLOCK_OUTPUT)
+
+
+@torch.no_grad()
+def finalize_model(qmodel: nn.Module, layers: dict[str, nn.Module], obs: Observation) -> None:
+    """Every layer and boundary quantizer in the hard-quantized state. A layer reading a quantized boundary
+    takes that quantizer's grid and step size for its own input quantizer: re-quantizing a value already on
+    the grid with the same step gives it back exactly, so the model computes the same, and ``hdrq.convert``
+    gets a static integer input for the layer."""
+    for key in obs.boundaries:
+        finalize_quantizer(_boundary_quantizer(qmodel, key))
+    for name, layer in _quant_layers(qmodel, layers):
+        src = obs.sources.get(name, OWN)
+        mirror = src not in (OWN, MODEL_INPUT)
+        finalize_layer(layer, act_enabled=layer.act_quantizer.mode != "off" and not mirror)
+        if mirror:
+            producer, aq = _boundary_quantizer(qmodel, src), layer.act_quantizer
+            aq.bits, aq.signed = producer.bits, producer.signed
+            aq.scale.copy_(producer.step_size())
+            aq.set_mode("hard")
 
 
 def _reconstruct_block(fp: nn.Module, qmodel: nn.Module, blk: Block, index: int, total: int, data: Tensor,
                        device: torch.device, cfg: QuantConfig, source_weights: Optional[dict[str, Tensor]],
-                       act_enabled: dict[str, bool]) -> dict:
+                       obs: Observation) -> dict:
     iters = cfg.iters + (cfg.act_iters if cfg.method == "brecq" else 0)
     qmodel.eval()
     cache = BlockCache.build(fp, qmodel, blk.name, data, device, batch_size=cfg.calib_batch_size, iters=iters,
@@ -199,10 +324,14 @@ def _reconstruct_block(fp: nn.Module, qmodel: nn.Module, blk: Block, index: int,
         src = {n: source_weights[n].to(device) for n in blk.layers}
     report = BlockReport(blk.name, blk.kind, list(blk.layers), cache_device=str(cache.storage),
                          cache_bytes=cache.nbytes())
-    BlockReconstructor(qmodel.get_submodule(blk.name), qlayers, cache, cfg, source_weights=src, report=report,
-                       desc=f"{cfg.method} [{index + 1}/{total}] {blk.name}").run()
+    boundary = [_boundary_quantizer(qmodel, key) for key in obs.boundaries if _boundary(key)[0] == blk.name]
+    enabled = {n: layer.act_quantizer.mode != "off" for n, layer in qlayers.items()}  # stages switch them
+    BlockReconstructor(qmodel.get_submodule(blk.name), qlayers, cache, cfg, boundary=boundary,
+                       source_weights=src, report=report, desc=f"{cfg.method} [{index + 1}/{total}] {blk.name}").run()
     for n, layer in qlayers.items():
-        finalize_layer(layer, act_enabled=act_enabled[n])
+        finalize_layer(layer, act_enabled=enabled[n])
+    for q in boundary:
+        finalize_quantizer(q)
     return report.__dict__.copy()
 
 
@@ -223,7 +352,7 @@ def _device(cfg: QuantConfig, model: nn.Module) -> torch.device:
 def _quant_layers(qmodel: nn.Module, layers: dict[str, nn.Module]):
     for name in layers:
         layer = qmodel.get_submodule(name)
-        assert isinstance(layer, _QuantLayer)
+        assert isinstance(layer, QuantLayer)
         yield name, layer
 
 

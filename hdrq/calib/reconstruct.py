@@ -3,7 +3,8 @@
 For a block with quantized layers and its :class:`~hdrq.calib.cache.BlockCache`, each iteration runs the
 block on a batch of cached inputs and minimises
 
-    ||block_q(x) - block_fp(x_fp)||^2   (summed over dim 1, averaged over the rest, as BRECQ/QDrop)
+    ||block_q(x) - block_fp(x_fp)||_p^p (summed over dim 1, averaged over the rest, as BRECQ/QDrop; p = 2
+                                         except in BRECQ's activation stage, ``act_loss_p``)
     + AdaRound's rounding regulariser                                  (brecq, qdrop; after the warm-up)
     + lambda_dist * sum_l ||W_l - W_l_source||_F                       (hdrq)
 
@@ -29,14 +30,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..quant.adaround import AdaRound
-from ..quant.layers import _QuantLayer
-from ..quant.quantizer import _bcast
+from ..quant.layers import QuantLayer
+from ..quant.quantizer import Quantizer, _bcast
 from .cache import BlockCache
 from .config import QuantConfig
 
@@ -61,11 +62,12 @@ class BlockReport:
     stages: list[str] = field(default_factory=list)
 
 
-def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """``sum over dim 1 of (pred - target)^2, averaged over the other dims`` (BRECQ/QDrop's ``lp_loss``,
-    p = 2), so the regulariser weights of the published defaults keep their meaning."""
+def reconstruction_loss(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
+    """``sum over dim 1 of |pred - target|^p, averaged over the other dims`` (BRECQ/QDrop's ``lp_loss``), so
+    the regulariser weights of the published defaults keep their meaning."""
     d = (pred - target).float()
-    return d.pow(2).sum(1).mean() if d.dim() >= 2 else d.pow(2).mean()
+    e = d.pow(2) if p == 2 else d.abs().pow(p)
+    return e.sum(1).mean() if d.dim() >= 2 else e.mean()
 
 
 def first_tensor(out) -> Tensor:
@@ -115,19 +117,22 @@ class BlockReconstructor:
         block: the block module of the quantized model (its quantized layers are ``layers``).
         layers: ``{full name: QuantLinear/QuantConv2d}`` of the block.
         cache: the block's cached inputs and targets.
+        boundary: the block's own activation quantizers outside its layers (its ``block_input_quantizer`` /
+            ``block_output_quantizer``), learned with the layers' input quantizers.
         config: the run's :class:`QuantConfig`.
         source_weights: HDRQ's ``{full name: source weight}`` (on the device) for the distance term.
         report: filled in as it runs.
     """
 
-    def __init__(self, block: nn.Module, layers: dict[str, _QuantLayer], cache: BlockCache, config: QuantConfig,
-                 *, source_weights: Optional[dict[str, Tensor]] = None, report: Optional[BlockReport] = None,
-                 desc: str = ""):
+    def __init__(self, block: nn.Module, layers: dict[str, QuantLayer], cache: BlockCache, config: QuantConfig,
+                 *, boundary: Sequence[Quantizer] = (), source_weights: Optional[dict[str, Tensor]] = None,
+                 report: Optional[BlockReport] = None, desc: str = ""):
         self.block, self.layers, self.cache, self.cfg = block, layers, cache, config
         self.source_weights = source_weights or {}
         self.report = report if report is not None else BlockReport("", "", list(layers))
         self.desc = desc
         self.act_quantizers = [l.act_quantizer for l in layers.values() if l.act_quantizer.mode != "off"]
+        self.act_quantizers += [q for q in boundary if q.mode != "off"]
         self.adarounds: dict[str, AdaRound] = {}
         self._cache_step = 0
 
@@ -140,7 +145,7 @@ class BlockReconstructor:
             self._stage("weights", cfg.iters, learn_acts=False, acts_on=False, noise_iters=0)
             self._detach_adaround()
             self._stage("activations", cfg.act_iters, learn_acts=True, acts_on=True, noise_iters=0,
-                        learn_weights=False)
+                        learn_weights=False, loss_p=cfg.act_loss_p)
         elif cfg.method == "qdrop":
             self._attach_adaround()
             self._stage("joint", cfg.iters, learn_acts=True, acts_on=True, noise_iters=0)
@@ -175,7 +180,7 @@ class BlockReconstructor:
         self.adarounds.clear()
 
     def _stage(self, label: str, iters: int, *, learn_acts: bool, acts_on: bool, noise_iters: int,
-               continuous: bool = False, learn_weights: bool = True) -> None:
+               continuous: bool = False, learn_weights: bool = True, loss_p: float = 2.0) -> None:
         if iters <= 0:
             return
         cfg = self.cfg
@@ -227,7 +232,7 @@ class BlockReconstructor:
                 args, kwargs, target = self.cache.batch(self._cache_step)
                 self._cache_step += 1
                 out = first_tensor(self.block(*args, **kwargs))
-                rec = reconstruction_loss(out, target)
+                rec = reconstruction_loss(out, target, loss_p)
                 loss = rec
                 if self.adarounds and t >= warm_iters and reg_weight > 0 and learn_weights:
                     beta = beta_schedule(t, iters, cfg.warmup, b_start, b_end)
@@ -277,7 +282,7 @@ class BlockReconstructor:
 
 
 @torch.no_grad()
-def finalize_layer(layer: _QuantLayer, *, act_enabled: bool) -> None:
+def finalize_layer(layer: QuantLayer, *, act_enabled: bool) -> None:
     """Put ``layer`` in the hard-quantized state of the quantized-model contract: ``weight = s * integers``
     exactly, step sizes positive, weight quantizer "hard" with no rounding hook, activation quantizer
     "hard" (or "off"), no dropping, eval mode."""
@@ -285,7 +290,6 @@ def finalize_layer(layer: _QuantLayer, *, act_enabled: bool) -> None:
     if wq.rounding is not None:
         raise RuntimeError("finalize_layer: a rounding hook is still attached; bake it into the weight first")
     wq.scale.copy_(wq.step_size())
-    aq.scale.copy_(aq.step_size())
     s = _bcast(wq.step_size(), layer.weight, wq.axis)
     ints = layer.weight_integers()
     layer.weight.copy_((s * ints.to(s.dtype)).to(layer.weight.dtype))
@@ -293,7 +297,15 @@ def finalize_layer(layer: _QuantLayer, *, act_enabled: bool) -> None:
         raise RuntimeError("finalize_layer: the weight does not round-trip to its integers")
     wq.set_mode("hard")
     wq.drop_prob = 0.0
-    aq.set_mode("hard" if act_enabled else "off")
-    aq.drop_prob = 0.0
     wq.eval()
-    aq.eval()
+    finalize_quantizer(aq, enabled=act_enabled)
+
+
+@torch.no_grad()
+def finalize_quantizer(q: Quantizer, *, enabled: bool = True) -> None:
+    """An activation quantizer in the hard-quantized state: step size positive (``scale = step_size()``), mode
+    "hard" (or "off" when not ``enabled``), no dropping, eval mode."""
+    q.scale.copy_(q.step_size())
+    q.set_mode("hard" if enabled else "off")
+    q.drop_prob = 0.0
+    q.eval()

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from .quantizer import Quantizer
 
 
-class _QuantLayer(nn.Module):
-    """Shared part of QuantLinear / QuantConv2d: float weight and bias (learnable), a per-output-channel
+class QuantLayer(nn.Module):
+    """The base of QuantLinear / QuantConv2d: float weight and bias (learnable), a per-output-channel
     (``w_axis=0``) or per-tensor (``w_axis=None``) weight quantizer and a per-tensor input quantizer."""
 
     weight: nn.Parameter
@@ -42,7 +42,7 @@ class _QuantLayer(nn.Module):
             self.act_quantizer.bits = a_bits
 
 
-class QuantLinear(_QuantLayer):
+class QuantLinear(QuantLayer):
     """``F.linear(act_quantizer(x), weight_quantizer(weight), bias)``."""
 
     def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int, *, per_channel: bool = True,
@@ -65,7 +65,7 @@ class QuantLinear(_QuantLayer):
         return m.to(self.weight.device)
 
 
-class QuantConv2d(_QuantLayer):
+class QuantConv2d(QuantLayer):
     """``conv2d(act_quantizer(x), weight_quantizer(weight), bias)`` with the wrapped conv's geometry."""
 
     _GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -105,14 +105,14 @@ class QuantConv2d(_QuantLayer):
 QUANT_LAYERS = (QuantLinear, QuantConv2d)
 
 
-def quant_layers(model: nn.Module) -> Iterator[tuple[str, _QuantLayer]]:
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
     """``(name, layer)`` for every QuantLinear / QuantConv2d in ``model``, in registration order."""
     for name, m in model.named_modules():
         if isinstance(m, QUANT_LAYERS):
             yield name, m
 
 
-def to_quant_layer(m: nn.Module, w_bits: int, a_bits: int, **kw) -> _QuantLayer:
+def to_quant_layer(m: nn.Module, w_bits: int, a_bits: int, **kw) -> QuantLayer:
     if isinstance(m, nn.Linear):
         return QuantLinear(m, w_bits, a_bits, **kw)
     if isinstance(m, nn.Conv2d):
@@ -147,7 +147,8 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace (or add) the submodule at the dotted path ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -200,6 +201,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         pairs = _bn_pairs_by_order(model)
     folded = copy.deepcopy(model)
     for conv_name, bn_name in pairs:
-        _set_module(folded, conv_name, fold_bn(folded.get_submodule(conv_name), folded.get_submodule(bn_name)))
-        _set_module(folded, bn_name, nn.Identity())
+        set_module(folded, conv_name, fold_bn(folded.get_submodule(conv_name), folded.get_submodule(bn_name)))
+        set_module(folded, bn_name, nn.Identity())
     return folded
