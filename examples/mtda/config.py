@@ -73,7 +73,7 @@ class MTDAConfig:
     bits: tuple[int, ...] = (4, 6)            # W{b}A{b}
     methods: tuple[str, ...] = METHODS
     calib_samples: int = 32
-    calib_iters: Optional[int] = 500
+    calib_iters: Optional[int] = 300
     quant_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"hdrq": {"lambda_dist": 0.0}}
     # merging: every quantized method under every merge; the noise-sampling merge over several seeds
     merge_seeds: int = 4
@@ -167,13 +167,7 @@ class MTDAConfig:
                 p = PRESETS["brecq"]
                 kw["act_iters"] = max(1, round(self.calib_iters * p["act_iters"] / p["iters"]))
         kw.update(self.quant_overrides.get(method, {}))
-        authors = getattr(hdrq.QuantConfig, "authors", None)
-        if authors is None:  # TEMPORARY until QuantConfig.authors lands on main
-            kw.setdefault("calib_batch_size", 1)
-            if method == "brecq":
-                kw.setdefault("a_lr", 4e-4)
-            return hdrq.QuantConfig.preset(method, **kw)
-        return authors(method, **kw)
+        return hdrq.QuantConfig.authors(method, **kw)
 
     def quant_configs(self, bits: int) -> dict:
         """``{method: QuantConfig}`` for every quantized method of the run (raises on a bad override)."""

@@ -142,9 +142,9 @@ def format_tables(results: dict) -> str:
 
 
 def write_plots(results: dict, out_dir: str) -> list[str]:
-    """``merged_hm.png`` (merged HM per method, bit width and merge, error bars = std over seeds) and one
-    ``barrier_<bits>.png`` per bit width (the seed-averaged loss along the interpolation path). Returns the
-    file names."""
+    """``merged_hm.png`` (merged HM per method, bit width and merge, error bars = std over seeds),
+    ``chain.png`` (:func:`_chain_plot`) and one ``barrier_<bits>.png`` per bit width (the seed-averaged loss
+    along the interpolation path). Returns the file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,6 +179,7 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
     paths = ["merged_hm.png"]
     fig.savefig(os.path.join(out_dir, paths[0]), dpi=120)
     plt.close(fig)
+    paths.append(_chain_plot(results, out_dir, plt))
     for key in keys:
         curves = {m: {**s["barrier_curve"], "barrier": s["barrier"]["mean"]} for m, s in summ[key].items()}
         name = f"barrier_{key.lower()}.png"
@@ -187,6 +188,35 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
                             f"(mean of {len(results['per_seed'])} seed(s))")
         paths.append(name)
     return paths
+
+
+def _chain_plot(results: dict, out_dir: str, plt) -> str:
+    """``chain.png``: each link of HDRQ's claim, one point per (seed, method): the merged HM under the HDRQ
+    merge against the Hessian trace, the distance to the source and the error barrier, one row per bit
+    width."""
+    keys = results["bit_settings"]
+    links = [("hessian_trace", "Hessian trace (mean of the pair)", lambda m: _mean([h["trace"] for h in m])),
+             ("distance_to_source", "relative distance to the source", _mean),
+             ("barrier", "quantized error barrier", lambda b: b["barrier"])]
+    fig, axes = plt.subplots(len(keys), len(links), figsize=(10, 2.9 * len(keys)), squeeze=False)
+    methods = [m for m in results["methods"] if m != "fp32"]
+    for row, key in zip(axes, keys):
+        for ax, (field, label, value) in zip(row, links):
+            for method in methods:
+                rs = [r["methods"][key][method] for r in results["per_seed"]]
+                ax.scatter([value(x[field]) for x in rs], [x["merges"][HEADLINE_MERGE]["merged_hm"] * 100 for x in rs],
+                           label=method, s=18)
+            ax.set_xlabel(label, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.ticklabel_format(axis="x", useOffset=False)
+        row[0].set_ylabel(f"{key}: merged HM, HDRQ merge (%)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("HDRQ's chain: flatter and closer to the source -> lower barrier -> better merge "
+                 "(one point per seed and method)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "chain.png"), dpi=110)
+    plt.close(fig)
+    return "chain.png"
 
 
 def headline(results: dict, merge: Optional[str] = None) -> dict:
