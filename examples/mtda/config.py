@@ -73,7 +73,7 @@ class MTDAConfig:
     bits: tuple[int, ...] = (4, 6)            # W{b}A{b}
     methods: tuple[str, ...] = METHODS
     calib_samples: int = 32
-    calib_iters: Optional[int] = 300
+    calib_iters: Optional[int] = 200
     quant_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"hdrq": {"lambda_dist": 0.0}}
     # merging: every quantized method under every merge; the noise-sampling merge over several seeds
     merge_seeds: int = 4
