@@ -28,8 +28,9 @@ ifeq ($(CUDA_PY),)
 	HDRQ_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,demo]"
 else
 	@# The machine's CUDA torch (and its triton) stay as they are: the other packages by name, only if missing.
-	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, sklearn, matplotlib, PIL, imagecorruptions" 2>/dev/null \
-	  || $(PY) -m pip install -q numpy tqdm safetensors pytest pytest-benchmark scipy scikit-learn matplotlib pillow imagecorruptions-imaug
+	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, hypothesis, sklearn, matplotlib, PIL, \
+	  imagecorruptions" 2>/dev/null || $(PY) -m pip install -q numpy tqdm safetensors pytest pytest-benchmark scipy \
+	  hypothesis scikit-learn matplotlib pillow imagecorruptions-imaug
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 endif
 

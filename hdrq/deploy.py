@@ -128,7 +128,7 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None, *, verbose
     from tqdm.auto import tqdm
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     if config is not None and not isinstance(config, ConvertConfig):
         raise TypeError(f"convert: config must be a hdrq.deploy.ConvertConfig, got {type(config).__name__} (its "
                         f"fields may also be passed as keywords: convert(model, act='dynamic'))")
@@ -268,7 +268,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"save takes an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"hdrq.save: model must be an nn.Module, got {type(model).__name__}")
     qpaths = {name for name, _ in qlayers(model)}
     if not qpaths:
         raise ValueError("save: the model has no hdrq.nn.QLinear / QConv2d; convert it first (hdrq.convert)")
@@ -307,7 +307,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 
 def _file_path(path, what: str) -> str:
     """``path`` as a str; ``TypeError`` for a non-path, ``IsADirectoryError`` for a directory."""
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"{what}: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fsdecode(os.fspath(path))
     if os.path.isdir(path):

@@ -483,7 +483,8 @@ def _check_source(source: nn.Module, model: nn.Module, method: str) -> dict:
             raise ValueError(f"merge: {method} needs the source's layer {name!r} (a Linear or Conv2d, float or "
                              f"quantized), found {type(sm).__name__ if sm is not None else 'nothing'}")
     sd = source.state_dict()
-    extra = sorted(set(sd) - set(model.state_dict()))
+    quantizers = {name for name, m in source.named_modules() if isinstance(m, Quantizer)}
+    extra = sorted(k for k in set(sd) - set(model.state_dict()) if k.rpartition(".")[0] not in quantizers)
     if extra:
         raise ValueError(f"merge: the source is not the models' architecture: it has tensors the models lack "
                          f"{extra[:8]}")

@@ -161,8 +161,14 @@ class QuantConfig:
         if isinstance(self.blocks, str):
             raise TypeError(f"QuantConfig: blocks must be a list of module names, got the string {self.blocks!r} "
                             f"(write blocks=[{self.blocks!r}])")
+        if self.blocks is not None and not isinstance(self.blocks, (list, tuple)):
+            raise TypeError(f"QuantConfig: blocks must be a list of module names or None, got {self.blocks!r}")
         if self.blocks is not None:
             self.blocks = list(self.blocks)
+        if not isinstance(self.round_beta, (tuple, list)) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.round_beta):
+            raise ValueError(f"QuantConfig: round_beta must be two positive numbers (start, end), "
+                             f"got {self.round_beta!r}")
         self.round_beta = tuple(float(b) for b in self.round_beta)
         self.validate()
 
