@@ -29,11 +29,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import hdrq
 from hdrq import ops
 from hdrq import reference as ref
+from hdrq.calib import collect_calib_data
 from hdrq.nn import QLinear
 from hdrq.quant import QuantLinear, quant_layers
 
@@ -96,6 +97,13 @@ def is_number(v) -> bool:
 
 def valid_bits(v) -> bool:
     return is_int(v) and 2 <= v <= 8
+
+
+def broken(draw, names) -> set:
+    """Which of ``names`` to draw wrong: none (most often, so that valid calls are compared with the
+    reference), one, or two."""
+    k = draw(st.sampled_from([0, 0, 0, 1, 1, 2]))
+    return set(draw(st.lists(st.sampled_from(sorted(names)), min_size=k, max_size=k, unique=True))) if k else set()
 
 
 # ==================================================================================================
@@ -181,9 +189,8 @@ def tensors(draw, shape, dtype, *, low=None, high=None, nonfinite=True, meta=Tru
     return t
 
 
-any_dtype = st.sampled_from(FLOATS * 3 + OTHERS)
 BAD_BITS = st.sampled_from([0, 1, 9, 16, -3, True, 4.0, "4", None])
-bits_arg = st.one_of(st.integers(2, 8), st.integers(2, 8), BAD_BITS)
+bits_arg = st.one_of(st.integers(2, 8), st.integers(2, 8), st.integers(2, 8), BAD_BITS)
 
 
 # ==================================================================================================
@@ -193,22 +200,28 @@ bits_arg = st.one_of(st.integers(2, 8), st.integers(2, 8), BAD_BITS)
 
 @st.composite
 def quantizer_args(draw) -> dict:
-    x_dtype = draw(any_dtype)
+    bad = broken(draw, ["x", "scale", "bits", "axis"])
+    x_dtype = draw(st.sampled_from(OTHERS) if "x" in bad else st.sampled_from(FLOATS))
     x = draw(tensors(draw(shapes()), x_dtype))
-    axis = draw(st.one_of(st.none(), st.none(), st.integers(-5, 4), st.sampled_from([True, 1.0, "0"])))
-    valid_axis = is_int(axis) and -x.dim() <= axis < x.dim()
-    length = x.shape[axis] if valid_axis else 1
+    if "x" in bad and draw(st.integers(0, 3)) == 0:
+        x = draw(st.sampled_from([[0.5, 1.0], 0.5, None]))
+    dims = x.dim() if isinstance(x, Tensor) else 1
+    if "axis" in bad:
+        axis = draw(st.one_of(st.integers(dims, dims + 3), st.integers(-dims - 3, -dims - 1),
+                              st.sampled_from([True, 1.0, "0"])))
+    else:
+        axis = draw(st.one_of(st.none(), st.integers(-dims, dims - 1) if dims else st.none()))
+    length = x.shape[axis] if isinstance(x, Tensor) and is_int(axis) and -dims <= axis < dims else 1
     if length > 4096:
         length = 1  # a per-channel scale for a huge dim: keep the scale small (then its length is wrong)
-    kind = draw(st.sampled_from(["good"] * 6 + ["length", "2-D", "dtype", "float", "values", "meta"]))
-    s_dtype = draw(st.sampled_from(FLOATS))
+    kind = draw(st.sampled_from(["length", "2-D", "dtype", "float", "values", "meta"])) if "scale" in bad else "good"
     s_shape = [] if axis is None and draw(st.booleans()) else [length]
     if kind == "length":
         s_shape = [length + draw(st.integers(1, 3))]
     elif kind == "2-D":
         s_shape = [1, length]
-    scale = draw(tensors(s_shape, s_dtype, nonfinite=False, meta=False, positive=True)).contiguous()
-    scale = scale.clamp_min(1e-3) if scale.numel() else scale
+    scale = draw(tensors(s_shape, draw(st.sampled_from(FLOATS)), nonfinite=False, meta=False, positive=True))
+    scale = scale.contiguous().clamp_min(1e-3) if scale.numel() else scale.contiguous()
     if kind == "dtype":
         scale = scale.to(draw(st.sampled_from(OTHERS)))
     elif kind == "float":
@@ -218,9 +231,10 @@ def quantizer_args(draw) -> dict:
         scale.view(-1)[draw(st.integers(0, scale.numel() - 1))] = draw(st.sampled_from([0.0, -0.5, math.nan, math.inf]))
     elif kind == "meta":
         scale = scale.to("meta")
-    if x.is_meta and isinstance(scale, Tensor) and draw(st.booleans()):
-        scale = scale.to("meta")
-    return dict(x=x, scale=scale, bits=draw(bits_arg), signed=draw(st.booleans()), axis=axis)
+    if isinstance(x, Tensor) and x.is_meta and isinstance(scale, Tensor) and kind != "meta":
+        scale = scale.to("meta")  # both on meta: a valid call that computes shapes only
+    bits = draw(BAD_BITS if "bits" in bad else st.integers(2, 8))
+    return dict(x=x, scale=scale, bits=bits, signed=draw(st.booleans()), axis=axis)
 
 
 def quantizer_wrong(x, scale, bits, axis) -> list:
@@ -348,8 +362,8 @@ def test_uniform_noise(shape, seed, device):
 
 @st.composite
 def per_token_args(draw):
-    dtype = draw(st.sampled_from(FLOATS * 2 + OTHERS))
-    shape = draw(st.one_of(shapes(2, 2), shapes(2, 2), shapes(0, 3)))
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32] * 3 + [torch.float64, *OTHERS]))
+    shape = draw(st.one_of(shapes(2, 2), shapes(2, 2), shapes(2, 2), shapes(0, 3)))
     # non-finite inputs are pinned by test_quantize_per_token_refuses_non_finite below
     return draw(tensors(shape, dtype, nonfinite=False)), draw(bits_arg)
 
@@ -622,57 +636,58 @@ def _endless():
         yield torch.randn(5, 6, generator=g)
 
 
-@st.composite
-def calib_data(draw):
-    """``(calib_data, wrong)``: a good form of calibration data for ``mlp()``, or a bad one."""
-    n = draw(st.integers(1, 12))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+GOOD_CALIB = ["tensor", "list", "tuple-pairs", "generator", "endless", "strided", "float64"]
+BAD_CALIB = ["1-D", "scalar", "empty", "nan", "inf", "meta", "complex", "sparse", "dict", "str", "none", "int",
+             "list-of-str", "list-of-1-D", "mismatched", "empty-list", "empty-item"]
+
+
+def calib_form(kind: str, n: int, seed: int):
+    """Calibration data for ``mlp()`` (6 features) in the form ``kind``."""
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=gen)
-    kind = draw(st.sampled_from(["tensor", "list", "tuple-pairs", "generator", "endless", "strided", "float64",
-                                 "1-D", "scalar", "empty", "nan", "inf", "meta", "complex", "sparse", "dict", "str",
-                                 "none", "int", "list-of-str", "list-of-1-D", "mismatched", "empty-list",
-                                 "empty-item"]))
-    good = {
-        "tensor": x, "list": [x[: n // 2 + 1], x[n // 2 + 1:]], "tuple-pairs": [(x, torch.zeros(n))],
-        "generator": (b for b in [x, x]), "endless": _endless(), "strided": torch.randn(n, 12, generator=gen)[:, ::2],
-        "float64": x.double(),
+    forms = {
+        "tensor": lambda: x, "list": lambda: [x[: n // 2 + 1], x[n // 2 + 1:]],
+        "tuple-pairs": lambda: [(x, torch.zeros(n))], "generator": lambda: (b for b in [x, x]),
+        "endless": _endless, "strided": lambda: torch.randn(n, 12, generator=gen)[:, ::2],
+        "float64": lambda: x.double(),
+        "1-D": lambda: x[0], "scalar": lambda: x[0, 0], "empty": lambda: x[:0], "nan": lambda: x.fill_(math.nan),
+        "inf": lambda: torch.cat([x, torch.full((1, 6), math.inf)]), "meta": lambda: x.to("meta"),
+        "complex": lambda: x.to(torch.complex64), "sparse": lambda: x.to_sparse(), "dict": lambda: {"x": x},
+        "str": lambda: "x", "none": lambda: None, "int": lambda: 3, "list-of-str": lambda: ["a"],
+        "list-of-1-D": lambda: list(x), "mismatched": lambda: [torch.randn(2, 5), x], "empty-list": lambda: [],
+        "empty-item": lambda: [(), x],
     }
-    if kind in good:
-        return good[kind], []
-    bad = {
-        "1-D": x[0], "scalar": x[0, 0], "empty": x[:0], "nan": x.clone().fill_(math.nan),
-        "inf": torch.cat([x, torch.full((1, 6), math.inf)]), "meta": x.to("meta"), "complex": x.to(torch.complex64),
-        "sparse": x.to_sparse(), "dict": {"x": x}, "str": "x", "none": None, "int": 3, "list-of-str": ["a"],
-        "list-of-1-D": list(x), "mismatched": [torch.randn(2, 5), x], "empty-list": [], "empty-item": [(), x],
-    }
-    return bad[kind], ["calib_data"]
+    return forms[kind]()
 
 
-@given(data=calib_data(), device=st.sampled_from([None, None, "cpu", "cuda", "cuda:7"]),
-       cap=st.sampled_from([None, 8, 4096]), model_kind=st.sampled_from(["mlp"] * 5 + ["none", "tensor", "relu"]),
-       config_kind=st.sampled_from(["config"] * 6 + ["dict", "str"]))
-def test_quantize_arguments(data, device, cap, model_kind, config_kind):
-    calib, wrong = data
-    if cap is None and isinstance(calib, type(_endless())) and calib.gi_frame.f_code is _endless.__code__:
-        cap = 8  # an endless iterable with no cap never ends
+def _absent_cuda() -> str:
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@given(data=st.data())
+@settings(max_examples=3 * settings().max_examples)
+def test_quantize_arguments(data):
+    bad = broken(data.draw, ["model", "calib_data", "config", "device"])
+    wrong = sorted(bad)
+    kind = data.draw(st.sampled_from(BAD_CALIB if "calib_data" in bad else GOOD_CALIB))
+    n, seed = data.draw(st.integers(1, 12)), data.draw(st.integers(0, 2**16))
+    cap = data.draw(st.sampled_from([8, 4096] if kind == "endless" else [None, 8, 4096]))
+    device = data.draw(st.sampled_from([_absent_cuda(), "cuda:99"] if "device" in bad else [None, "cpu"]))
+    model = data.draw(st.sampled_from([None, torch.ones(3), nn.ReLU()])) if "model" in bad else mlp()
     cfg = hdrq.QuantConfig(**RTN, device=device, max_calib_samples=cap)
-    model = {"mlp": mlp(), "none": None, "tensor": torch.ones(3), "relu": nn.ReLU()}[model_kind]
-    config = {"config": cfg, "dict": RTN, "str": "rtn"}[config_kind]
-    wrong = list(wrong)
-    if model_kind != "mlp":
-        wrong += ["model", "quantizable layers"]
-    if config_kind != "config":
-        wrong.append("config")
-    may = []
-    if device is not None and device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        if not (torch.cuda.is_available() and index < torch.cuda.device_count()):
-            wrong.append("device")
-    q = outcome(lambda: hdrq.quantize(model, calib, config), wrong, may_refuse=may)
+    config = data.draw(st.sampled_from([RTN, "rtn"])) if "config" in bad else cfg
+    if "model" in bad:
+        wrong.append("quantizable layers")  # "ReLU has no quantizable layers"
+    q = outcome(lambda: hdrq.quantize(model, calib_form(kind, n, seed), config), wrong)
     if q is not None:
-        layers = dict(quant_layers(q))
-        assert list(layers) == ["0", "2"] and all(isinstance(m, QuantLinear) for m in layers.values())
-        assert q(torch.randn(3, 6, device=next(q.parameters()).device)).shape == (3, 6)
+        # every form of the data gives the model quantize gives for the one tensor it stands for
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = hdrq.quantize(mlp(), collect_calib_data(calib_form(kind, n, seed), max_samples=cap), cfg)
+        assert [n for n, _ in quant_layers(q)] == ["0", "2"]
+        for (name, a), (_, b) in zip(quant_layers(q), quant_layers(expected)):
+            assert isinstance(a, QuantLinear) and torch.equal(a.weight, b.weight), name
+            assert torch.equal(a.act_quantizer.scale, b.act_quantizer.scale), name
 
 
 # ==================================================================================================
@@ -698,72 +713,70 @@ def model_pool() -> dict:
         }
 
 
-SAME = ({"qa", "qb", "qc"}, {"fa", "fb"}, {"q3"}, {"qwide"}, {"f3"})  # what merges with what
+GROUPS = ({"qa", "qb", "qc"}, {"fa", "fb"}, {"q3"}, {"qwide"}, {"f3"})  # what merges with what
+MERGE_OPTIONS = {  # name: (right values, wrong values)
+    "method": (["hdrq", "average", "task_arithmetic", "ties"], ["mean", "", None]),
+    "seed": ([0, 1, 2**40], [-1, 1.5, "0", None]),
+    "candidates": ([1, 3], [0, -2, 2.5, "3"]),
+    "k": ([0.2, 1.0], [0.0, 1.5, "0.2"]),
+    "tol": ([0.0, 0.25], [0.5, -0.1, math.nan]),
+    "rng": (["philox", "torch"], ["mt", None]),
+}
 
 
-@st.composite
-def merge_args(draw):
+@given(data=st.data())
+@settings(max_examples=3 * settings().max_examples)
+def test_merge_arguments(data):
     pool = model_pool()
-    picks = draw(st.lists(st.sampled_from(sorted(pool) * 2 + ["qa", "qb", "fa", "fb"] * 4 + ["none", "str"]),
-                          min_size=0, max_size=3))
-    models = [pool[p] if p in pool else {"none": None, "str": "model"}[p] for p in picks]
-    container = draw(st.sampled_from(["list"] * 6 + ["tuple", "generator", "single", "dict"]))
-    wrong = []
-    if container == "single":
-        models, wrong = pool[draw(st.sampled_from(["qa", "fa"]))], ["models"]
-    elif container == "dict":
-        models, wrong = {str(i): m for i, m in enumerate(models)}, ["models"]
+    bad = broken(data.draw, ["models", "weights", "source", *MERGE_OPTIONS])
+    kw = {name: data.draw(st.sampled_from(values[name in bad])) for name, values in MERGE_OPTIONS.items()}
+    wrong = sorted(bad - {"models", "weights", "source"})
+    if "models" in bad:
+        how = data.draw(st.sampled_from(["one", "mixed", "converted", "meta", "single", "dict", "none", "strings"]))
+        group = sorted(data.draw(st.sampled_from(GROUPS)))
+        models = {"one": lambda: [pool[group[0]]], "mixed": lambda: [pool["qa"], pool[data.draw(st.sampled_from(
+                      ["q3", "qwide", "fa", "f3"]))]], "converted": lambda: [pool["ca"], pool["cb"]],
+                  "meta": lambda: [pool["meta"], pool["meta"]], "single": lambda: pool["qa"],
+                  "dict": lambda: {"a": pool["qa"], "b": pool["qb"]}, "none": lambda: [pool["qa"], None],
+                  "strings": lambda: "ab"}[how]()
+        wrong += ["models", "model"]
+        n = 2
     else:
-        if len(picks) < 2 or not any(set(picks) <= s for s in SAME):
-            wrong = ["models", "model"]
-        models = tuple(models) if container == "tuple" else (m for m in models) if container == "generator" \
-            else models
-    return models, picks, wrong
-
-
-@given(m=merge_args(), method=st.sampled_from(["hdrq", "average", "task_arithmetic", "ties", "mean"]),
-       weights=st.one_of(st.none(), st.lists(st.sampled_from([1, 0.5, 2.0, 0, -1, math.nan, "1"]), max_size=4)),
-       seed=st.sampled_from([0, 1, 2**40, -1, 1.5, "0"]), candidates=st.sampled_from([1, 3, 0, 2.5]),
-       k=st.sampled_from([0.2, 1.0, 0.0, 1.5]), tol=st.sampled_from([0.0, 0.25, 0.5, -0.1]),
-       rng=st.sampled_from(["philox", "torch", "mt"]), source=st.sampled_from(["none", "fa", "qa", "f3", "tensor"]))
-def test_merge_arguments(m, method, weights, seed, candidates, k, tol, rng, source):
-    models, picks, wrong = m
-    wrong = list(wrong)
-    n = len(picks)
-    if method not in ("hdrq", "average", "task_arithmetic", "ties"):
-        wrong.append("method")
-    if weights is not None:
-        if not all(is_number(w) for w in weights) or len(weights) != n or not all(
-                math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-            wrong.append("weights")
-    if not is_int(seed) or seed < 0:
-        wrong.append("seed")
-    if not is_int(candidates) or candidates < 1:
-        wrong.append("candidates")
-    if not 0 < k <= 1:
-        wrong.append("k")
-    if not 0 <= tol < 0.5:
-        wrong.append("tol")
-    if rng not in ("philox", "torch"):
-        wrong.append("rng")
-    src = {"none": None, "fa": mlp(seed=5), "qa": model_pool()["qc"], "f3": mlp(depth=3), "tensor": torch.ones(2)}
-    if method in ("task_arithmetic", "ties") and source not in ("fa", "qa"):
-        wrong.append("source")
-    kw = dict(method=method, weights=weights, seed=seed, candidates=candidates, k=k, tol=tol, rng=rng,
-              source=src[source], verbose=False)
-    merged = outcome(lambda: hdrq.merge(models, **kw), wrong)
+        group = sorted(data.draw(st.sampled_from(GROUPS)))
+        picks = data.draw(st.lists(st.sampled_from(group), min_size=2, max_size=3))
+        n = len(picks)
+        container = data.draw(st.sampled_from([list, tuple, lambda ms: (m for m in ms)]))
+        models = container([pool[p] for p in picks])
+    if "weights" in bad:
+        kw["weights"] = data.draw(st.sampled_from([[1.0] * (n + 1), [1.0, -1.0] + [1.0] * (n - 2), [0.0] * n,
+                                                   [math.nan] * n, "ab", [1.0, "1"] + [1.0] * (n - 2)]))
+        wrong.append("weights")
+    else:
+        kw["weights"] = data.draw(st.sampled_from([None, [1.0] * n, [2, 1] + [0.5] * (n - 2)]))
+    needs_source = kw["method"] in ("task_arithmetic", "ties")
+    width = 8 if "models" not in bad and group == ["qwide"] else 6
+    depth = 3 if "models" not in bad and group in (["q3"], ["f3"]) else 2
+    if "source" in bad or (needs_source and data.draw(st.integers(0, 4)) == 0):
+        kw["source"] = data.draw(st.sampled_from([None, torch.ones(2), mlp(depth=5 - depth, width=width)]))
+        wrong += ["source"] if needs_source else []
+    else:
+        kw["source"] = data.draw(st.sampled_from([mlp(depth=depth, width=width, seed=5), None]))
+        if needs_source and kw["source"] is None:
+            wrong.append("source")
+    merged = outcome(lambda: hdrq.merge(models, **kw, verbose=False), wrong)
     if merged is not None:
         for name, layer in quant_layers(merged):  # the merged model is in the hard-quantized state
             s = layer.weight_quantizer.step_size().detach()
-            assert torch.equal(layer.weight.detach(), s.reshape(-1, 1) * layer.weight_integers().float()
-                               if s.numel() > 1 else s * layer.weight_integers().float()), name
+            s = s.reshape(-1, 1) if s.numel() > 1 else s
+            assert torch.equal(layer.weight.detach(), s * layer.weight_integers().float()), name
         width = merged[0].in_features
         assert merged(torch.randn(2, width)).shape == (2, width)
 
 
-@given(model=st.sampled_from(["qa", "qa", "fa", "ca", "none", "tensor"]),
-       config=st.sampled_from(["none", "none", "config", "dict"]), act=st.sampled_from(["static", "dynamic", "x"]),
-       w_bits=st.sampled_from([None, None, 8, 4, 9, "8"]), skip=st.sampled_from([(), (), ["0"], "0", ["nope"], [0]]))
+@given(model=st.sampled_from(["qa", "qa", "qa", "fa", "ca", "none", "tensor"]),
+       config=st.sampled_from(["none", "none", "none", "config", "dict"]),
+       act=st.sampled_from(["static", "static", "dynamic", "x"]), w_bits=st.sampled_from([None, None, 8, 4, 9, "8"]),
+       skip=st.sampled_from([(), (), ["0"], "0", ["nope"], [0]]))
 def test_convert_arguments(model, config, act, w_bits, skip):
     m = model_pool().get(model, {"none": None, "tensor": torch.ones(2)}.get(model))
     cfg = {"none": None, "config": hdrq.deploy.ConvertConfig(), "dict": {"act": "static"}}[config]
@@ -795,6 +808,7 @@ def test_convert_arguments(model, config, act, w_bits, skip):
 
 @functools.lru_cache(maxsize=None)
 def saved_file() -> str:
+    """A folder with a saved model and files that are not models; returns the model's path."""
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="hdrq-properties-")
@@ -813,30 +827,37 @@ def saved_file() -> str:
     return path
 
 
-@given(path=st.sampled_from(["good", "dir", "missing", "text.txt", "empty.bin", "half.safetensors", "garbage.bin",
-                             "plain.safetensors", "int", "none", "bytes"]),
-       skeleton=st.sampled_from(["none", "none", "match", "3-layer", "str"]),
-       device=st.sampled_from([None, None, "cpu", torch.device("cpu"), "cuda", "meta", "nope", 3]))
-def test_load_arguments(path, skeleton, device):
+@given(data=st.data())
+def test_load_arguments(data):
     good = saved_file()
     folder = os.path.dirname(good)
-    p = {"good": good, "dir": os.path.join(folder, "sub"), "missing": os.path.join(folder, "missing.safetensors"),
-         "int": 3, "none": None, "bytes": os.fsencode(good)}.get(path, os.path.join(folder, path))
-    model = {"none": None, "match": mlp(seed=9), "3-layer": mlp(depth=3), "str": "model"}[skeleton]
+    bad = broken(data.draw, ["path", "model", "device"])
     wrong = []
-    if path not in ("good", "bytes"):
+    if "path" in bad:
+        kind = data.draw(st.sampled_from(["dir", "missing", "text.txt", "empty.bin", "half.safetensors", "garbage.bin",
+                                          "plain.safetensors", "int", "none"]))
+        p = {"dir": os.path.join(folder, "sub"), "missing": os.path.join(folder, "missing.safetensors"), "int": 3,
+             "none": None}.get(kind, os.path.join(folder, kind))
         wrong += ["path", p]
-    if device is not None and not (_device_ok(device) and (torch.device(device).type != "cuda"
-                                                            or torch.cuda.is_available())):
-        wrong.append("device")
-    if not wrong and skeleton in ("3-layer", "str"):
+    else:
+        p = data.draw(st.sampled_from([good, os.fsencode(good), __import__("pathlib").Path(good)]))
+    if "model" in bad:
+        model = data.draw(st.sampled_from([mlp(depth=3), "model", nn.Linear(6, 6)]))
         wrong.append("model")
+    else:
+        model = data.draw(st.sampled_from([None, mlp(seed=9), model_pool()["qb"], model_pool()["cb"]]))
+    if "device" in bad:
+        device = data.draw(st.sampled_from([_absent_cuda(), "meta", "nope", 3]))
+        wrong.append("device")
+    else:
+        device = data.draw(st.sampled_from([None, "cpu", torch.device("cpu")]))
     import copy
+
     loaded = outcome(lambda: hdrq.load(p, copy.deepcopy(model) if isinstance(model, nn.Module) else model,
                                        device=device), wrong, errors=FILE_ERRORS)
     if loaded is not None:
         x = torch.randn(3, 6)
-        assert_same(loaded.cpu()(x), model_pool()["ca"](x))
+        assert_same(loaded(x), model_pool()["ca"](x))
 
 
 @given(model=st.sampled_from(["ca", "qa", "fa", "none"]), path=st.sampled_from(["new", "dir", "nofolder", "int",
@@ -860,40 +881,33 @@ def _loss(model, batch):
     return model(batch).pow(2).mean()
 
 
-@given(pair=st.sampled_from([("qa", "qb"), ("fa", "fb"), ("qa", "qa"), ("qa", "q3"), ("qa", "fa"), ("ca", "cb"),
-                             ("qa", "none")]),
-       loss=st.sampled_from(["ok", "none", "float", "vector"]), data=st.sampled_from(["list", "empty", "generator"]),
-       steps=st.sampled_from([2, 3, 1, 2.5]), draws=st.sampled_from([1, 2, 0]), seed=st.sampled_from([0, 5, -1, "a"]),
-       quant_noise=st.booleans())
-def test_error_barrier_arguments(pair, loss, data, steps, draws, seed, quant_noise):
+BARRIER_OPTIONS = {  # name: (right values, wrong values)
+    "steps": ([2, 3], [1, 0, 2.5, "3"]),
+    "draws": ([1, 2], [0, -1, 1.5]),
+    "seed": ([0, 5], [-1, "a", 1.5]),
+    "loss_fn": ([_loss], [None, "mse"]),
+}
+
+
+@given(data=st.data())
+def test_error_barrier_arguments(data):
     pool = model_pool()
-    a, b = (pool.get(k) for k in pair)
+    bad = broken(data.draw, ["models", "data", *BARRIER_OPTIONS])
+    kw = {name: data.draw(st.sampled_from(values[name in bad])) for name, values in BARRIER_OPTIONS.items()}
+    wrong = sorted(bad - {"models", "data"})
+    pair = data.draw(st.sampled_from([("qa", "q3"), ("qa", "fa"), ("ca", "cb"), ("qa", None), ("qa", "meta")]
+                                     if "models" in bad else [("qa", "qb"), ("fa", "fb"), ("qa", "qa")]))
+    wrong += ["model", "models"] if "models" in bad else []
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
-    loss_fn = {"ok": _loss, "none": None, "float": lambda m, bt: 1.0, "vector": lambda m, bt: m(bt).sum(0)}[loss]
-    batches = {"list": [x[:2], x[2:]], "empty": [], "generator": (t for t in [x])}[data]
-    wrong = []
-    if not is_int(steps) or steps < 2:
-        wrong.append("steps")
-    if not is_int(draws) or draws < 1:
-        wrong.append("draws")
-    if not is_int(seed) or seed < 0:
-        wrong.append("seed")
-    if loss == "none":
-        wrong.append("loss_fn")
-    if pair[1] == "none" or pair in (("qa", "q3"), ("qa", "fa"), ("ca", "cb")):
-        wrong += ["model", "models"]
-    if data == "generator":
-        wrong.append("data")
+    batches = data.draw(st.sampled_from([(t for t in [x]), iter([x])])) if "data" in bad else [x[:2], x[2:]]
+    wrong += ["data"] if "data" in bad else []
+    quant_noise = data.draw(st.booleans())
     if not wrong and quant_noise and pair[0] == "fa":
-        wrong.append("quant_noise")
-    if not wrong and data == "empty":
-        wrong.append("data")
-    if not wrong and loss in ("float", "vector"):
-        wrong.append("loss_fn")
-    r = outcome(lambda: hdrq.error_barrier(a, b, loss_fn, batches, steps=steps, draws=draws, seed=seed,
-                                           quant_noise=quant_noise, verbose=False), wrong)
+        wrong.append("quant_noise")  # no quantized layers to add noise to
+    a, b = pool[pair[0]], pool.get(pair[1])
+    r = outcome(lambda: hdrq.error_barrier(a, b, data=batches, quant_noise=quant_noise, verbose=False, **kw), wrong)
     if r is not None:
-        assert len(r["lambdas"]) == steps == len(r["losses"])
+        assert len(r["lambdas"]) == kw["steps"] == len(r["losses"])
         if pair[0] == pair[1]:
             assert r["barrier"] == 0.0
 
