@@ -25,7 +25,8 @@ skeleton is the float architecture (or its fake-quant or converted form); hdrq c
 module by module, puts the integer layers in place of the ``nn.Linear`` / ``nn.Conv2d`` (or ``QuantLinear``
 ...) at their paths and ``nn.Identity`` where BatchNorm was folded, and loads the other tensors. All checks
 run before the skeleton is touched. Truncated, corrupted (checksum), foreign, wrong-version or mismatched
-files raise ``ValueError`` naming what differs. Loaded models are returned in eval mode.
+files raise ``ValueError`` naming what differs; a missing file ``FileNotFoundError`` and a folder
+``IsADirectoryError``. Loaded models are returned in eval mode.
 """
 from __future__ import annotations
 
