@@ -187,8 +187,8 @@ class QuantConfig:
         if self.act_placement not in ACT_PLACEMENTS:
             raise ValueError(f"QuantConfig: act_placement must be one of {ACT_PLACEMENTS}, got {self.act_placement!r}")
         if isinstance(self.act_loss_p, bool) or not isinstance(self.act_loss_p, (int, float)) \
-                or not self.act_loss_p > 0:
-            raise ValueError(f"QuantConfig: act_loss_p must be a number > 0, got {self.act_loss_p!r}")
+                or not 0 < self.act_loss_p < math.inf:
+            raise ValueError(f"QuantConfig: act_loss_p must be a finite number > 0, got {self.act_loss_p!r}")
         if self.noise_mode not in NOISE_MODES:
             raise ValueError(f"QuantConfig: noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
         for name in ("iters", "act_iters", "seed"):
