@@ -19,17 +19,20 @@ ones on every run).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
+import pathlib
 import re
+import tempfile
 import warnings
 
 import pytest
 import torch
-from torch import Tensor, nn
-
 from hypothesis import assume, given, settings, strategies as st
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 import hdrq
 from hdrq import ops
@@ -99,11 +102,11 @@ def valid_bits(v) -> bool:
     return is_int(v) and 2 <= v <= 8
 
 
-def broken(draw, names) -> set:
-    """Which of ``names`` to draw wrong: none (most often, so that valid calls are compared with the
+def broken(draw, args) -> set:
+    """Which of ``args`` to draw wrong: none (most often, so that valid calls are compared with the
     reference), one, or two."""
     k = draw(st.sampled_from([0, 0, 0, 1, 1, 2]))
-    return set(draw(st.lists(st.sampled_from(sorted(names)), min_size=k, max_size=k, unique=True))) if k else set()
+    return set(draw(st.lists(st.sampled_from(sorted(args)), min_size=k, max_size=k, unique=True))) if k else set()
 
 
 # ==================================================================================================
@@ -812,8 +815,6 @@ def test_convert_arguments(model, config, act, w_bits, skip):
 @functools.lru_cache(maxsize=None)
 def saved_file() -> str:
     """A folder with a saved model and files that are not models; returns the model's path."""
-    import tempfile
-
     folder = tempfile.mkdtemp(prefix="hdrq-properties-")
     path = os.path.join(folder, "model.safetensors")
     hdrq.save(model_pool()["ca"], path)
@@ -823,8 +824,6 @@ def saved_file() -> str:
                           ("garbage.bin", bytes(range(256)) * 4)]:
         with open(os.path.join(folder, name), "wb") as f:
             f.write(content)
-    from safetensors.torch import save_file
-
     save_file({"w": torch.ones(2)}, os.path.join(folder, "plain.safetensors"))
     os.mkdir(os.path.join(folder, "sub"))
     return path
@@ -843,7 +842,7 @@ def test_load_arguments(data):
              "none": None}.get(kind, os.path.join(folder, kind))
         wrong += ["path", p]
     else:
-        p = data.draw(st.sampled_from([good, os.fsencode(good), __import__("pathlib").Path(good)]))
+        p = data.draw(st.sampled_from([good, os.fsencode(good), pathlib.Path(good)]))
     if "model" in bad:
         model = data.draw(st.sampled_from([mlp(depth=3), "model", nn.Linear(6, 6)]))
         wrong.append("model")
@@ -854,8 +853,6 @@ def test_load_arguments(data):
         wrong.append("device")
     else:
         device = data.draw(st.sampled_from([None, "cpu", torch.device("cpu")]))
-    import copy
-
     loaded = outcome(lambda: hdrq.load(p, copy.deepcopy(model) if isinstance(model, nn.Module) else model,
                                        device=device), wrong, errors=FILE_ERRORS)
     if loaded is not None:
@@ -866,8 +863,6 @@ def test_load_arguments(data):
 @given(model=st.sampled_from(["ca", "qa", "fa", "none"]), path=st.sampled_from(["new", "dir", "nofolder", "int",
                                                                                   "bytes"]))
 def test_save_arguments(model, path):
-    import tempfile
-
     folder = tempfile.mkdtemp(prefix="hdrq-save-")
     p = {"new": os.path.join(folder, "m.safetensors"), "dir": folder, "nofolder": os.path.join(folder, "a", "m"),
          "int": 3, "bytes": os.fsencode(os.path.join(folder, "b.safetensors"))}[path]
