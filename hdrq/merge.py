@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .nn import qlayers
 from .quant.layers import QUANT_LAYERS, quant_layers
 from .quant.quantizer import Quantizer
 from .reference import mix_seed, qrange
@@ -133,8 +134,6 @@ class MergeConfig:
 
 def normalise_weights(weights: Optional[Sequence[float]], n: int) -> tuple:
     """``weights`` (one non-negative finite number per model, positive sum) divided by their sum."""
-    if n < 1:
-        raise ValueError(f"merge: need at least 2 models, got {n}")
     if weights is None:
         return tuple([1.0 / n] * n)
     if isinstance(weights, (str, bytes)) or not all(isinstance(x, numbers.Real) and not isinstance(x, bool)
@@ -406,8 +405,6 @@ def check_compatible(models: Sequence[nn.Module], *, what: str = "merge", requir
     fake-quant models: see the module docstring), a different architecture (module names and types),
     quantizer bit widths / signedness / axes / modes, or state-dict names, shapes, dtypes and devices without
     values ("meta"). With ``require_hard``, every quantized layer must be in the hard-quantized state."""
-    from .nn import qlayers
-
     if len(models) < 2:
         raise ValueError(f"{what}: need at least 2 models, got {len(models)}")
     for i, m in enumerate(models):
@@ -610,7 +607,10 @@ def _as_model_list(models) -> list:
     if isinstance(models, (str, bytes, Mapping)) or not isinstance(models, Iterable):
         raise TypeError(f"merge takes a list of models (nn.Module), got {type(models).__name__}"
                         + (": pass list(models.values())" if isinstance(models, Mapping) else ""))
-    return list(models)
+    models = list(models)
+    if len(models) < 2:
+        raise ValueError(f"merge: need at least 2 models, got {len(models)}")
+    return models
 
 
 def _progress(items: list, verbose: bool, desc: str):
