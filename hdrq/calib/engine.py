@@ -38,7 +38,7 @@ from ..quant.boundary import BLOCK_INPUT, BLOCK_OUTPUT, attach_block_quantizer
 from ..quant.layers import QuantLayer, set_module
 from ..quant.quantizer import Quantizer
 from ..reference import mix_seed
-from .blocks import Block, find_blocks, is_residual_block, quantizable_layers
+from .blocks import Block, find_blocks, is_residual_block, quantizable_layers, report_unquantizable
 from .cache import BlockCache, canonical_device, collect_calib_data, iter_chunks
 from .config import QuantConfig
 from .reconstruct import BlockReconstructor, BlockReport, finalize_layer, finalize_quantizer, first_tensor
@@ -78,10 +78,11 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     device = _device(cfg, model)
-    data = collect_calib_data(calib_data)
+    data = collect_calib_data(calib_data, max_samples=cfg.max_calib_samples)
 
     fp = prepare_float(model, device)
     layers = quantizable_layers(fp)
+    report_unquantizable(fp)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantizable layers (nn.Conv2d / nn.Linear)")
     source_weights = _source_weights(cfg, source, layers)
