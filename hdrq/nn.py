@@ -459,7 +459,8 @@ class QLinear(_QLayer):
             a_q = ops.quantize_per_tensor(rows, a_scale, bits=self.a_bits, signed=self.a_signed,
                                           zero_point=-self.act_shift)
         else:
-            a_q, a_scale = ops.quantize_per_token(rows, bits=self.a_bits)
+            a_q, a_scale = ops.quantize_per_token(rows if rows.dtype in _KERNEL_OUT_DTYPES else rows.float(),
+                                                  bits=self.a_bits)
         if self.k_padded != self.k:
             a_q = F.pad(a_q, (0, self.k_padded - self.k))
         y = ops.int_matmul(a_q, a_scale, self.packed_weights[0], bias=self._gemm_bias,

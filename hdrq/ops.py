@@ -8,8 +8,8 @@ This file holds every schema (the C++ GEMM ops of ``hdrq._C`` included), and reg
     GEMM routing of ``hdrq._cuda`` (CUDA C++ kernels of ``hdrq._C``, the Triton GEMM, ``torch._int_mm``);
   * a fake implementation, so that ``torch.compile`` and ``torch.export`` trace through it;
   * its autograd: the quantizers' Python ``Autograd`` kernel (:class:`_QuantizerGrad`, whose backward is an op of
-    its own); every other op is registered as not differentiable and its public function refuses inputs that ask
-    for a gradient.
+    its own); every other op is registered as not differentiable, and a backward through a deploy op's float
+    outputs raises (:class:`_NotDifferentiable`).
 
 So a call goes ``hdrq.ops.<op>`` (checks its arguments) -> ``torch.ops.hdrq.<op>`` -> the kernel registered for
 the device, e.g. ``hdrq.kernels.quantizer.fake_quant`` -> its launch.
@@ -402,13 +402,26 @@ def _check_mode(name: str, mode) -> None:
         raise ValueError(f"{name}: mode must be one of {NOISE_MODES}, got {mode!r}")
 
 
-def _refuse_grad(name: str, **tensors: Optional[Tensor]) -> None:
-    """The deploy ops have no gradient: refuse an input that asks for one rather than cut the graph silently."""
-    if torch.is_grad_enabled():
-        for arg, t in tensors.items():
-            if t is not None and t.requires_grad:
-                raise RuntimeError(f"{name} is not differentiable, but {arg} requires grad; pass {arg}.detach() "
-                                   f"or call it under torch.no_grad()")
+class _NotDifferentiable(torch.autograd.Function):
+    """A deploy op called on inputs that ask for a gradient: computed as usual, but a backward through its float
+    outputs raises instead of silently giving none."""
+
+    @staticmethod
+    def forward(ctx, name, op, *args):
+        ctx.name = name
+        return op(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.name} is not differentiable: detach its inputs (or run it under torch.no_grad()) "
+                           f"where no gradient should flow through it")
+
+
+def _deploy_call(name: str, op, grad_inputs: tuple, *args):
+    """``op(*args)``, through :class:`_NotDifferentiable` when one of ``grad_inputs`` asks for a gradient."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs):
+        return _NotDifferentiable.apply(name, op, *args)
+    return op(*args)
 
 
 # ==================================================================================================
@@ -477,9 +490,9 @@ def uniform_noise(shape: Sequence[int], seed: int, device: str | torch.device | 
 # ==================================================================================================
 
 
-def _check_rows(name: str, x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.dtype not in KERNEL_FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"{name}: x must be a float16/bfloat16/float32/float64 tensor, got {_describe(x)}")
+def _check_rows(name: str, x: Tensor, dtypes=KERNEL_FLOAT_DTYPES) -> None:
+    if not isinstance(x, Tensor) or x.dtype not in dtypes:
+        raise TypeError(f"{name}: x must be a {'/'.join(str(d)[6:] for d in dtypes)} tensor, got {_describe(x)}")
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"{name}: x must be [M, K] with K >= 1, got shape {tuple(x.shape)}")
 
@@ -493,8 +506,7 @@ def quantize_per_token(x: Tensor, *, bits: int) -> tuple[Tensor, Tensor]:
     identically on every backend; nothing is checked on the host."""
     _check_rows("quantize_per_token", x)
     _check_bits(bits)
-    _refuse_grad("quantize_per_token", x=x)
-    return torch.ops.hdrq.quantize_per_token.default(x, bits)
+    return _deploy_call("quantize_per_token", torch.ops.hdrq.quantize_per_token.default, (x,), x, bits)
 
 
 def quantize_per_tensor(x: Tensor, scale: Tensor, *, bits: int, signed: bool = True,
@@ -504,7 +516,7 @@ def quantize_per_tensor(x: Tensor, scale: Tensor, *, bits: int, signed: bool = T
     first, fp32 (fp64 for fp64 x), round half to even; grid as in ``fake_quant``). ``zero_point`` moves a grid
     that does not fit int8 into it (an unsigned 8-bit grid takes -128). NaN becomes ``zero_point``; +-inf
     the grid's bounds."""
-    _check_rows("quantize_per_tensor", x)
+    _check_rows("quantize_per_tensor", x, KERNEL_FLOAT_DTYPES + (torch.float64,))
     if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.numel() != 1:
         raise TypeError(f"quantize_per_tensor: scale must be one float32 value (a tensor of one element), got "
                         f"{_describe(scale)}")
@@ -518,8 +530,8 @@ def quantize_per_tensor(x: Tensor, scale: Tensor, *, bits: int, signed: bool = T
         raise ValueError(f"quantize_per_tensor: x is on {x.device} but scale is on {scale.device}")
     if _values_checkable(scale):
         _check_positive_finite("quantize_per_tensor", "scale", scale.detach())
-    _refuse_grad("quantize_per_tensor", x=x, scale=scale)
-    return torch.ops.hdrq.quantize_per_tensor.default(x, scale, bits, bool(signed), zero_point)
+    return _deploy_call("quantize_per_tensor", torch.ops.hdrq.quantize_per_tensor.default, (x, scale), x, scale, bits,
+                        bool(signed), zero_point)
 
 
 def _check_int6_values(name: str, q: Tensor) -> None:
@@ -649,12 +661,17 @@ def _check_packed(name: str, w) -> None:
                         f"{_describe(w)}; a raw matrix is refused: its bytes are not in the kernels' layout")
 
 
+def _where(t: Tensor) -> tuple:
+    # (index, is_cuda, is_meta): the device, compared without building torch.device objects on the hot path
+    return t.get_device(), t.is_cuda, t.is_meta
+
+
 def _check_a_q(name: str, a_q: Tensor, w: PackedWeight) -> None:
     if not isinstance(a_q, Tensor) or a_q.dtype != torch.int8 or a_q.dim() != 2:
         raise TypeError(f"{name}: a_q must be a 2-D int8 tensor [M, K], got {_describe(a_q)}")
     if a_q.shape[1] != w.shape[1]:
         raise ValueError(f"{name}: a_q is [M, K] = {tuple(a_q.shape)} but the weight is [N, K] = {w.shape}")
-    if a_q.get_device() != w.data.get_device():
+    if _where(a_q) != _where(w.data):
         raise ValueError(f"{name}: a_q is on {a_q.device} but the weight is on {w.data.device}")
 
 
@@ -684,12 +701,12 @@ def int_matmul(a_q: Tensor, a_scale: Tensor, w: PackedWeight, *, bias: Optional[
                         f"got {_describe(bias)}")
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"int_matmul: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
-    dev = a_q.get_device()
-    if a_scale.get_device() != dev or (bias is not None and bias.get_device() != dev):
+    dev = _where(a_q)
+    if _where(a_scale) != dev or (bias is not None and _where(bias) != dev):
         raise ValueError(f"int_matmul: a_q, a_scale and bias must be on one device, got {a_q.device}, "
                          f"{a_scale.device}" + ("" if bias is None else f", {bias.device}"))
-    _refuse_grad("int_matmul", a_scale=a_scale, bias=bias)
-    return torch.ops.hdrq.int_matmul.default(a_q, a_scale, w.data, w.scale, w.bits, bias, out_dtype)
+    return _deploy_call("int_matmul", torch.ops.hdrq.int_matmul.default, (a_scale, bias), a_q, a_scale, w.data,
+                        w.scale, w.bits, bias, out_dtype)
 
 
 def int_matmul_int32(a_q: Tensor, w: PackedWeight) -> Tensor:

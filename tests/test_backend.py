@@ -48,8 +48,8 @@ def test_dtypes_the_kernels_do_not_take_run_the_reference():
     hdrq.set_backend("triton")
     x, s = torch.randn(5, 3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.1
     assert torch.equal(ops.fake_quant(x, s, bits=4, axis=1), ref.fake_quant(x, s, 4, True, 1))
-    q, sc = ops.quantize_per_token(x, bits=8)
-    assert torch.equal(q, ref.quantize_per_token(x, 8)[0])
+    assert torch.equal(ops.quantize_per_tensor(x, torch.tensor([0.1]), bits=8),
+                       ref.quantize_per_tensor(x, torch.tensor([0.1]), 8, True, 0))
 
 
 def test_reference_backend_restores_auto_registrations():

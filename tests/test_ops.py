@@ -629,10 +629,12 @@ def test_autograd_edges():
     gradients work."""
     x = torch.randn(4, 8, requires_grad=True)
     s = (torch.rand(8) + 0.1).requires_grad_()
+    q, sc = ops.quantize_per_token(x, bits=8)  # computed; a gradient through it is refused
     with pytest.raises(RuntimeError, match="not differentiable"):
-        ops.quantize_per_token(x, bits=8)
-    with torch.no_grad():
-        ops.quantize_per_token(x, bits=8)  # fine without a graph
+        (sc.sum() + x.sum()).backward()
+    w = ops.pack_weight(torch.ones(3, 8, dtype=torch.int8), 8, torch.ones(3))
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        ops.int_matmul(q, sc.detach(), w, bias=torch.zeros(3, requires_grad=True)).sum().backward()
     y = ops.fake_quant(x, s, bits=4, axis=1)
     dx, = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
