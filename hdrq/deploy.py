@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from . import __version__
 from .calib.blocks import report_unquantizable
 from .calib.config import check_device
-from .nn import ACT_MODES, OBSERVERS, OFF_ACT_MODES, ActQuant, QConv2d, QLAYERS, QLinear, qlayers
+from .nn import OBSERVERS, OFF_ACT_MODES, ActQuant, QConv2d, QLAYERS, QLinear, qlayers
 from .quant.boundary import attach_block_quantizer, is_boundary_quantizer
 from .quant.layers import QuantConv2d, QuantLinear, set_module
 from .quant.quantizer import Quantizer

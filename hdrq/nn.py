@@ -44,7 +44,7 @@ their scales and bias, which stay fp32.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

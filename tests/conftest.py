@@ -22,6 +22,12 @@ else:
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def pytest_configure(config):
+    # One intra-op thread for the whole run: the tests' tensors are small, and on a shared or loaded CPU the
+    # pool's threads spin-wait for each other (a test costing 9 s on one thread took 150 s of CPU on two).
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

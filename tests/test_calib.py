@@ -18,15 +18,6 @@ METHODS = ("rtn", "brecq", "qdrop", "hdrq")
 HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (and the CI CPU is shared).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------
 # Tiny models and a learnable synthetic task: regress a small random teacher's outputs
 # ------------------------------------------------------------------------------------------------

@@ -15,15 +15,6 @@ from hdrq.quant.adaround import AdaRound
 from hdrq.quant.attention import DecomposedMultiheadAttention, decompose_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (and the CI CPU is shared).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------------------
 # QuantConfig
 # ------------------------------------------------------------------------------------------------

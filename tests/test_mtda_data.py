@@ -20,15 +20,6 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models run one CPU thread, as the benchmark does: on a shared 2-core machine two intra-op
-    threads mostly wait on each other (see examples.mtda.run.plan_workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # ------------------------------------------------------------------------------------------------
 # digits
 # ------------------------------------------------------------------------------------------------

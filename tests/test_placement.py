@@ -14,14 +14,6 @@ from hdrq.quant import boundary_quantizers, quant_layers
 from test_calib import TinyEncoder, TinyResNet, held_out_loss, make_mlp, make_task, quick
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cnn():
     return make_task(TinyResNet, (1, 8, 8), steps=150, lr=1e-2, n_test=256)

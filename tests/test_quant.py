@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 from hdrq import ops
-from hdrq import reference as ref
 from hdrq.quant import (MinMaxObserver, MSEObserver, QuantConv2d, QuantLinear, Quantizer, fold_batchnorm,
                         fold_bn, minmax_scale, mse_scale, quant_layers)
 
