@@ -1,4 +1,4 @@
-"""Build of hdrq: the Python package, the Triton kernels (kernels/ installed as ``hdrq.kernels``) and,
+"""Build of hdrq: the Python package (the Triton kernels in ``hdrq.kernels`` included) and,
 where a CUDA build of torch and nvcc are present, the CUDA extension ``hdrq._C`` from csrc/.
 
 HDRQ_BUILD_CUDA=1 forces the extension (and fails loudly without CUDA), HDRQ_BUILD_CUDA=0 skips it;
@@ -47,8 +47,7 @@ def cuda_extension():
 ext_modules, cmdclass = cuda_extension()
 
 setup(
-    packages=find_packages(include=["hdrq", "hdrq.*"]) + ["hdrq.kernels"],
-    package_dir={"hdrq.kernels": "kernels"},
+    packages=find_packages(include=["hdrq", "hdrq.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

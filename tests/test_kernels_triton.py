@@ -93,7 +93,7 @@ def assert_ds_close(ds, expect, terms):
     assert err <= tol, f"ds differs by {float(err)} > {float(tol)}: {ds} vs {expect}"
 
 
-# (shape, axis, bits, signed, max_block): every LAYOUT of kernels/quantizer.py, odd sizes, and (max_block=16)
+# (shape, axis, bits, signed, max_block): every LAYOUT of hdrq/kernels/quantizer.py, odd sizes, and (max_block=16)
 # channels split over several programs, so both the unmasked full-chunk path and the masked tail run and
 # ds goes through the second reduction kernel.
 CASES = [
