@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .quant.layers import QUANT_LAYERS, quant_layers
+from .quant.layers import PACKED, QUANT_LAYERS, pack_integers, quant_layers
 from .quant.quantizer import Quantizer
 from .reference import mix_seed, qrange
 
@@ -536,8 +536,11 @@ def merge(models: Iterable[nn.Module], *, method: str = "hdrq", source: Optional
             k_int = torch.round(target / _bcast_step(step, target)).clamp_(qmin, qmax)
             res = WeightMerge(k_int.to(torch.int32), step.to(steps[0].dtype).reshape(steps[0].shape))
         put(f"{name}.weight_quantizer.scale", res.step)
-        step = _bcast_step(res.step.to(torch.float32), res.integers)
-        put(f"{name}.weight", step * res.integers.to(torch.float32))
+        if mods[0].is_compact:  # stored as packed integers, like the models
+            put(f"{name}.{PACKED}", pack_integers(res.integers, mods[0]._packed_bits))
+        else:
+            step = _bcast_step(res.step.to(torch.float32), res.integers)
+            put(f"{name}.weight", step * res.integers.to(torch.float32))
         stats[name] = {"ambiguous": res.ambiguous, "accepted": res.accepted}
 
     # 3. everything else: float parameters by the method, float buffers averaged, the rest from model 0

@@ -290,11 +290,12 @@ def finalize_layer(layer: QuantLayer, *, act_enabled: bool) -> None:
     if wq.rounding is not None:
         raise RuntimeError("finalize_layer: a rounding hook is still attached; bake it into the weight first")
     wq.scale.copy_(wq.step_size())
-    s = _bcast(wq.step_size(), layer.weight, wq.axis)
-    ints = layer.weight_integers()
-    layer.weight.copy_((s * ints.to(s.dtype)).to(layer.weight.dtype))
-    if not torch.equal(layer.weight_integers(), ints):  # s * k must round-trip exactly for |k| <= 128
-        raise RuntimeError("finalize_layer: the weight does not round-trip to its integers")
+    if not layer.is_compact:  # a compact layer stores step * integers by construction
+        s = _bcast(wq.step_size(), layer.weight, wq.axis)
+        ints = layer.weight_integers()
+        layer.weight.copy_((s * ints.to(s.dtype)).to(layer.weight.dtype))
+        if not torch.equal(layer.weight_integers(), ints):  # s * k must round-trip exactly for |k| <= 128
+            raise RuntimeError("finalize_layer: the weight does not round-trip to its integers")
     wq.set_mode("hard")
     wq.drop_prob = 0.0
     wq.eval()
