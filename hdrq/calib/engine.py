@@ -27,7 +27,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +55,8 @@ _BOUNDARY_STREAM = 1 << 21
 
 
 def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = None, *,
-             source: Optional[nn.Module] = None, blocks: Optional[Sequence[str]] = None) -> nn.Module:
+             source: Optional[nn.Module] = None, blocks: Optional[Sequence[str]] = None,
+             checkpoint: Optional[str] = None, data_parallel: bool = False) -> nn.Module:
     """A quantized copy of ``model`` calibrated on ``calib_data`` (``model`` itself is untouched).
 
     Args:
@@ -66,6 +67,12 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
         source: HDRQ's pre-adaptation model for the distance term (same layers as ``model``); required for
             method "hdrq" with ``lambda_dist > 0``.
         blocks: module names to reconstruct as blocks (overrides ``config.blocks`` and the detection).
+        checkpoint: a folder for one file per finished block (``hdrq.calib.checkpoint``): a run killed at any
+            point and started again with the same arguments continues after the last finished block and
+            returns the same model.
+        data_parallel: under ``torch.distributed`` (every process calls ``quantize`` with the same
+            arguments): each block's iterations are split across the processes by samples, gradients summed
+            before each step. Every process returns the same model; process 0 writes the checkpoints.
 
     Returns the quantized model in eval mode, in the hard-quantized state: in every ``QuantLinear`` /
     ``QuantConv2d``, ``weight == weight_quantizer.step_size() * weight_integers()`` exactly.
@@ -79,12 +86,13 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     device = _device(cfg, model)
     data = collect_calib_data(calib_data)
+    run = RunOptions(checkpoint=checkpoint, data_parallel=data_parallel)
 
     if cfg.stream is not False:
         from .stream import StreamUnsupported, quantize_streamed
 
         try:
-            return quantize_streamed(model, data, cfg, device, source=source)
+            return quantize_streamed(model, data, cfg, device, source=source, run=run)
         except StreamUnsupported as e:
             if cfg.stream:
                 warnings.warn(f"hdrq.quantize: not streaming ({e}); calibrating the whole model on {device}",
@@ -107,6 +115,7 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
                       f"data; their weights are rounded to nearest and their inputs left unquantized",
                       RuntimeWarning, stacklevel=2)
     qmodel = build_quant_model(fp, layers, obs, cfg)
+    run.open(cfg, data, layers, source_weights is not None)
 
     reports: list[dict] = []
     if cfg.method != "rtn":
@@ -115,7 +124,7 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
             if not any(l in obs.order for l in blk.layers):
                 continue  # never executed: nothing to reconstruct against
             reports.append(_reconstruct_block(fp, qmodel, blk, i, len(plan), data, device, cfg, source_weights,
-                                              obs))
+                                              obs, run=run))
 
     finalize_model(qmodel, layers, obs)
     return finish(qmodel, cfg, reports)
@@ -393,32 +402,86 @@ def block_seed(cfg: QuantConfig, index: int) -> int:
     return mix_seed(cfg.seed, _BLOCK_STREAM, index)
 
 
+@dataclass
+class RunOptions:
+    """How one ``quantize`` call runs besides its config: block checkpoints and data parallelism."""
+
+    checkpoint: Optional[str] = None
+    data_parallel: bool = False
+    checkpoints: Any = None
+
+    def open(self, cfg: QuantConfig, data: Tensor, layers: dict[str, nn.Module], source: bool) -> None:
+        if self.checkpoint is None:
+            return
+        from .checkpoint import BlockCheckpoints, fingerprint
+
+        writer = True
+        if self.data_parallel:
+            import torch.distributed as dist
+
+            writer = dist.get_rank() == 0
+        self.checkpoints = BlockCheckpoints(self.checkpoint, fingerprint(cfg.to_dict(), data, layers, source),
+                                            writer=writer)
+
+    def restore(self, index: int, name: str) -> Optional[tuple[dict, dict]]:
+        """The finished block's checkpoint, the same decision on every process."""
+        if self.checkpoints is None:
+            return None
+        hit = self.checkpoints.read(index, name)
+        if self.data_parallel:
+            import torch.distributed as dist
+
+            found = [hit is not None]
+            dist.broadcast_object_list(found, src=0)
+            if found[0] and hit is None:
+                raise RuntimeError(f"block {name!r}: process 0 resumes from a checkpoint this process cannot read")
+            hit = hit if found[0] else None
+        return hit
+
+
 def _reconstruct_block(fp: Optional[nn.Module], qmodel: nn.Module, blk: Block, index: int, total: int,
                        data: Optional[Tensor], device: torch.device, cfg: QuantConfig,
                        source_weights: Optional[dict[str, Tensor]], obs: Observation, *,
-                       cache: Optional[BlockCache] = None) -> dict:
-    """Reconstruct block ``blk`` of ``qmodel`` and put it in the hard-quantized state; its cache is built
-    from ``fp`` and ``qmodel`` over ``data`` unless given."""
+                       cache: Optional[Callable[[], BlockCache]] = None, run: Optional[RunOptions] = None) -> dict:
+    """Reconstruct block ``blk`` of ``qmodel`` (or restore it from its checkpoint) and put it in the
+    hard-quantized state; its cache is built from ``fp`` and ``qmodel`` over ``data``, or by ``cache()``."""
+    run = run or RunOptions()
     qmodel.eval()
+    module = qmodel.get_submodule(blk.name)
+    qlayers = {n: qmodel.get_submodule(n) for n in blk.layers}
+    boundary = [_boundary_quantizer(qmodel, key) for key in obs.boundaries if _boundary(key)[0] == blk.name]
+    restored = run.restore(index, blk.name)
+    if restored is not None:
+        info, tensors = restored
+        module.load_state_dict(tensors)
+        for layer in qlayers.values():
+            finalize_layer(layer, act_enabled=layer.act_quantizer.mode != "off")
+        for q in boundary:
+            finalize_quantizer(q)
+        return info["report"]
     if cache is None:
-        cache = BlockCache.build(fp, qmodel, blk.name, data, device, batch_size=cfg.calib_batch_size,
+        built = BlockCache.build(fp, qmodel, blk.name, data, device, batch_size=cfg.calib_batch_size,
                                  iters=block_iters(cfg), drop_prob=cfg.drop_prob, seed=block_seed(cfg, index),
                                  cache_device=cfg.cache_device)
-    qlayers = {n: qmodel.get_submodule(n) for n in blk.layers}
+    else:
+        built = cache()
+    cache = built
     src = None
     if source_weights is not None:
         src = {n: source_weights[n].to(device) for n in blk.layers}
     report = BlockReport(blk.name, blk.kind, list(blk.layers), cache_device=str(cache.storage),
                          cache_bytes=cache.nbytes())
-    boundary = [_boundary_quantizer(qmodel, key) for key in obs.boundaries if _boundary(key)[0] == blk.name]
     enabled = {n: layer.act_quantizer.mode != "off" for n, layer in qlayers.items()}  # stages switch them
-    BlockReconstructor(qmodel.get_submodule(blk.name), qlayers, cache, cfg, boundary=boundary,
-                       source_weights=src, report=report, desc=f"{cfg.method} [{index + 1}/{total}] {blk.name}").run()
+    BlockReconstructor(module, qlayers, cache, cfg, boundary=boundary, source_weights=src, report=report,
+                       desc=f"{cfg.method} [{index + 1}/{total}] {blk.name}", data_parallel=run.data_parallel).run()
     for n, layer in qlayers.items():
         finalize_layer(layer, act_enabled=enabled[n])
     for q in boundary:
         finalize_quantizer(q)
-    return report.__dict__.copy()
+    result = report.__dict__.copy()
+    if run.checkpoints is not None:
+        run.checkpoints.write(index, blk.name, module, result, {})
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

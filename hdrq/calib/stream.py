@@ -51,9 +51,9 @@ from ..quant.layers import compact_weights, set_module
 from .blocks import Block, find_blocks, is_residual_block, quantizable_layers
 from .cache import BlockCache, CapturedCalls, _allocate, _batched_leaf, capture, pick_storage
 from .config import QuantConfig
-from .engine import (Observer, _boundary, _boundary_quantizer, _reconstruct_block, block_iters, block_seed, boundary_quantizer,
-                     check_source_layers, end_layers, finalize_model, finish, prepare_float, quant_layer,
-                     source_needed)
+from .engine import (Observer, RunOptions, _boundary, _boundary_quantizer, _reconstruct_block, block_iters,
+                     block_seed, boundary_quantizer, check_source_layers, end_layers, finalize_model, finish,
+                     prepare_float, quant_layer, source_needed)
 from .reconstruct import finalize_layer, finalize_quantizer, first_tensor
 
 
@@ -350,7 +350,7 @@ def _out_device(model: nn.Module) -> torch.device:
 
 
 def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: torch.device, *,
-                      source: Optional[nn.Module] = None) -> nn.Module:
+                      source: Optional[nn.Module] = None, run: Optional[RunOptions] = None) -> nn.Module:
     """:func:`hdrq.quantize` streamed (module docstring). Raises :class:`StreamUnsupported` before any
     calibration work for a model that does not chain. Returns the quantized model on ``model``'s device."""
     n, bs = data.shape[0], cfg.calib_batch_size
@@ -389,6 +389,8 @@ def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: 
         raise StreamUnsupported("the blocks are called in another order than their layers run")
 
     # from here on the model chains: calibrate
+    run = run or RunOptions()
+    run.open(cfg, data, layers, use_source)
     rec = Observer(n, bs, placement=placement, structure=False)
     rec.order, rec.sources, rec.boundaries = obs.order, obs.sources, obs.boundaries
     ends = end_layers(obs)
@@ -443,7 +445,7 @@ def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: 
     for blk in plan[:first_chain]:
         if reconstruct and any(l in obs.order for l in blk.layers):
             reports.append(_reconstruct_block(fp_shell, q_shell, blk, position[blk.name], total, data, device, cfg,
-                                              shell_sources(blk), rec.result()))
+                                              shell_sources(blk), rec.result(), run=run))
 
     # the first chain block's inputs
     q_shell.eval()
@@ -483,11 +485,13 @@ def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: 
                 src_block = prepare_float(source.get_submodule(name), "cpu")
                 src = {l: m.weight.detach() for l, m in _prefixed(name, src_block).items()}
                 del src_block
-            cache = BlockCache(fp_in, q_in, fp_out, device, batch_size=bs, iters=block_iters(cfg),
-                               drop_prob=cfg.drop_prob, seed=block_seed(cfg, position[name]))
+
+            def make_cache(fp_in=fp_in, q_in=q_in, fp_out=fp_out, seed=block_seed(cfg, position[name])):
+                return BlockCache(fp_in, q_in, fp_out, device, batch_size=bs, iters=block_iters(cfg),
+                                  drop_prob=cfg.drop_prob, seed=seed)
+
             reports.append(_reconstruct_block(None, holder, blk, position[name], total, None, device, cfg, src,
-                                              current, cache=cache))
-            del cache
+                                              current, cache=make_cache, run=run))
         if not reconstruct:  # rtn: the hard-quantized state (reconstruction leaves blocks in it)
             for lname in blk.layers:
                 layer = holder.get_submodule(lname)
@@ -518,7 +522,7 @@ def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: 
                 feeds["fp"].rewind()
                 feeds["q"].rewind()
                 reports.append(_reconstruct_block(fp_shell, q_shell, blk, position[blk.name], total, data, device,
-                                                  cfg, shell_sources(blk), rec.result()))
+                                                  cfg, shell_sources(blk), rec.result(), run=run))
     finally:
         for h in hooks:
             h.remove()

@@ -46,22 +46,24 @@ class QuantLayer(nn.Module):
         return PACKED in self._buffers
 
     @torch.no_grad()
-    def compact(self) -> "QuantLayer":
+    def compact(self, *, verify: bool = True) -> "QuantLayer":
         """Store the weight of a layer in the hard-quantized state as its integers, packed (two per byte
         for 2-4 bits, one per byte for 5-8), instead of a float parameter: a quarter (8 bits) or an
         eighth (4 bits) of the fp32 bytes. ``layer.weight`` stays readable, materialised on each read as
         ``step_size() * integers`` (exactly the float weight it replaces; not a parameter, and writes to it
-        are lost: call :meth:`expand` first to change the weight). Returns the layer."""
+        are lost: call :meth:`expand` first to change the weight). ``verify=False`` skips the checks that the
+        weight is on its grid (for a skeleton about to receive a state dict, e.g. on the meta device). Returns
+        the layer."""
         if self.is_compact:
             return self
         wq = self.weight_quantizer
-        if wq.mode != "hard" or wq.rounding is not None:
+        if verify and (wq.mode != "hard" or wq.rounding is not None):
             raise ValueError(f"{type(self).__name__}.compact: the weight must be in the hard-quantized state "
                              f"(mode 'hard', no rounding hook), got mode {wq.mode!r}")
         w = self._parameters["weight"]
         ints = self.weight_integers()
         s = _bcast_step(wq.step_size(), w)
-        if not torch.equal((s * ints.to(s.dtype)).to(w.dtype), w):
+        if verify and not torch.equal((s * ints.to(s.dtype)).to(w.dtype), w):
             raise ValueError(f"{type(self).__name__}.compact: the weight is not step * integers; finalize it first")
         self._packed_bits = PACK_NIBBLES if wq.bits <= PACK_NIBBLES else PACK_BYTES
         self._weight_shape = tuple(w.shape)
