@@ -121,6 +121,7 @@ def apply_structure(skeleton: nn.Module, structure: dict, *, root: str = "") -> 
         w, a = spec["weight"], spec["act"]
         q = to_quant_layer(float_layer, w["bits"], a["bits"], per_channel=w["axis"] == 0, a_signed=a["signed"],
                            a_enabled=a["mode"] != "off")
+        q = q.to(float_layer.weight.device)
         q.act_quantizer.set_mode(a["mode"])
         q.weight_quantizer.set_mode(w["mode"])
         if spec["packed_bits"] is not None:
