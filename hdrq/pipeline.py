@@ -350,7 +350,8 @@ def calibrate(*, source: str, targets: Sequence[str], data: Sequence[str], out: 
                 log(f"[rank {dist.rank}] {name}: {e}; calibrating again")
         log(f"[rank {dist.rank}] {name}: calibrating {tpath} on {tuple(calib[i].shape)} ({cfg.method}, {dev})")
         model = load_model(tpath, builder)
-        q = quantize(model, calib[i], cfg, source=src_model, checkpoint=os.path.join(out, ".checkpoints", name),
+        anchor = src_model if cfg.method == "hdrq" and cfg.lambda_dist > 0 else None  # HDRQ's distance term
+        q = quantize(model, calib[i], cfg, source=anchor, checkpoint=os.path.join(out, ".checkpoints", name),
                      data_parallel=parallel == "data" and dist.active)
         if writer:
             save_quantized(q, path, extra={"identity": identity, "arch": os.path.abspath(source), "builder": builder})

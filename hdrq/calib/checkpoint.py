@@ -3,7 +3,8 @@
 A calibrated model is a float architecture plus what calibration changed: every ``nn.Linear`` / ``nn.Conv2d``
 became a ``QuantLinear`` / ``QuantConv2d`` (bits, signedness, step sizes, packed integer weights), residual
 blocks got boundary quantizers, BatchNorm was folded. :func:`save_quantized` writes the state dict as
-safetensors with that structure as JSON metadata (and a SHA-256 over both); :func:`load_quantized` rebuilds
+safetensors with that structure as JSON metadata (and a SHA-256 over both; the same content always gives the
+same bytes); :func:`load_quantized` rebuilds
 the model from the float architecture (the same model the calibration started from, or any model of its
 architecture: its own weights are not used) on the meta device, applies the structure, and loads the tensors.
 
@@ -52,7 +53,9 @@ def write_atomic(path: PathLike, tensors: dict[str, Tensor], info: dict) -> None
     meta_json = json.dumps(info, default=str)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata={"hdrq": meta_json, "hdrq_sha256": _digest(meta_json, tensors)})
+        # One metadata key, "<sha256> <json>": safetensors writes its metadata map in no fixed order, and the
+        # same content must give the same bytes.
+        save_file(tensors, tmp, metadata={"hdrq": f"{_digest(meta_json, tensors)} {meta_json}"})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,16 +78,19 @@ def read_verified(path: PathLike, fmt: str = FORMAT) -> tuple[dict, dict[str, Te
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
-    if "hdrq" not in meta or "hdrq_sha256" not in meta:
+    digest, _, meta_json = meta.get("hdrq", "").partition(" ")
+    if not meta_json:
         raise ValueError(f"{path} is a safetensors file without hdrq metadata")
     try:
-        info = json.loads(meta["hdrq"])
+        info = json.loads(meta_json)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the hdrq metadata is not valid JSON: {e}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: the hdrq metadata is not a JSON object")
     if info.get("format") != fmt or info.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {info.get('format')!r} version {info.get('format_version')!r}, expected "
                          f"{fmt!r} version {FORMAT_VERSION}")
-    if _digest(meta["hdrq"], tensors) != meta["hdrq_sha256"]:
+    if _digest(meta_json, tensors) != digest:
         raise ValueError(f"{path}: checksum mismatch, the file is corrupted")
     return info, tensors
 
