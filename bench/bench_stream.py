@@ -2,7 +2,9 @@
 slice and the end-to-end wall time of a whole HDRQ calibration, reference backend against Triton.
 
     python bench/bench_stream.py memory [--layers 32] [--out stream_memory.json]   # CPU, ~1.5 GB fp32 model
-    python bench/bench_stream.py gpu --out stream_gpu.json [--iters 200]            # one GPU, a few minutes
+    python bench/bench_stream.py [gpu] --out stream_gpu.json [--iters 100]          # one GPU, ~4 minutes
+
+On a GPU machine it runs as a stage of bench/gpu_check.sh: ``BENCHES="stream"`` (give it a 300 s limit there).
 
 ``memory``: a random-weight Llama-shaped decoder (transformers' ``LlamaForCausalLM``: hidden 1024, FFN 2816,
 16 heads, 4 key/value heads, vocabulary 2048; 34 layers make ~1.55 GB in fp32) is calibrated with HDRQ
@@ -153,7 +155,7 @@ def gpu(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("memory", "gpu", "_child"))
+    p.add_argument("what", nargs="?", default="gpu", choices=("memory", "gpu", "_child"))
     p.add_argument("--out", default=None)
     p.add_argument("--mode", default="streamed")
     p.add_argument("--layers", type=int, default=34)
@@ -170,7 +172,7 @@ def main() -> None:
         args.iters = 2 if args.iters is None else args.iters
         res = {"memory": memory(args)}
     else:
-        args.iters = 200 if args.iters is None else args.iters
+        args.iters = 100 if args.iters is None else args.iters
         res = {"gpu": gpu(args)}
     if args.out:
         with open(args.out, "w") as f:

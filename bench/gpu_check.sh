@@ -78,6 +78,7 @@ if has bench; then
     [ "$b" = gemm ] && [ -f "$OUTDIR/dispatch.json" ] && extra=(--dispatch "$OUTDIR/dispatch.json")
     limit=120
     [ "$b" = gemm ] && limit=300  # every forced kernel path at M > 64: ~200 timed rows
+    [ "$b" = stream ] && limit=420  # a 7B-shaped 2-layer slice calibrated twice (reference, triton) + a profile
     run $limit $PY "bench/bench_$b.py" --out "$OUTDIR/bench_$b.json" "${extra[@]}" || say "BENCH $b FAILED"
   done
 fi
