@@ -113,24 +113,33 @@ def gpu(args) -> dict:
 
     import hdrq
 
-    dev = torch.device("cuda")
-    model = llama(LLAMA_7B, 2, torch.bfloat16)  # the caller's model: bf16, on the CPU
-    ids = torch.randint(0, LLAMA_7B["vocab_size"], (32, 512), generator=torch.Generator().manual_seed(1))
-    cfg = hdrq.QuantConfig.preset("hdrq", iters=args.iters, calib_batch_size=4, device="cuda", stream=True,
+    # --smoke: tiny shapes on the CPU (run under TRITON_INTERPRET=1): a check of the script, not a measurement
+    cuda = not args.smoke
+    dev = torch.device("cuda" if cuda else "cpu")
+    shape = LLAMA_7B if cuda else dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                       num_key_value_heads=4)
+    model = llama(shape, 2, torch.bfloat16)  # the caller's model: bf16, on the CPU
+    ids = torch.randint(0, shape["vocab_size"], (32, 512) if cuda else (8, 16),
+                        generator=torch.Generator().manual_seed(1))
+    cfg = hdrq.QuantConfig.preset("hdrq", iters=args.iters, calib_batch_size=4, device=str(dev), stream=True,
                                   verbose=False)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, iters=args.iters, runs={})
+    result = dict(device=torch.cuda.get_device_name() if cuda else "cpu (smoke)", torch=torch.__version__,
+                  iters=args.iters, runs={})
     for backend in ("reference", "triton"):
         hdrq.set_backend(backend)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
         t = time.perf_counter()
         q = hdrq.quantize(model, ids, cfg, source=model)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         wall = time.perf_counter() - t
         blocks = {r["name"]: dict(seconds=r["seconds"], iters=r["iters"], cache_mb=r["cache_bytes"] / 2**20)
                   for r in q.hdrq_report}
         decoder = [v for k, v in blocks.items() if ".layers." in k]
-        run = dict(wall_s=wall, device_peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30, blocks=blocks,
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
+        run = dict(wall_s=wall, device_peak_gib=peak, blocks=blocks,
                    ms_per_iter_decoder_block=1e3 * sum(b["seconds"] for b in decoder)
                    / max(1, sum(b["iters"] for b in decoder)))
         # 32 decoder blocks at the authors' 20,000 iterations, from the measured per-iteration time
@@ -142,12 +151,13 @@ def gpu(args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     hdrq.set_backend("triton")
-    small = hdrq.QuantConfig.preset("hdrq", iters=20, calib_batch_size=4, device="cuda", stream=True,
-                                    verbose=False)
-    one = llama(LLAMA_7B, 1, torch.bfloat16)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    small = hdrq.QuantConfig.preset("hdrq", iters=20 if cuda else 2, calib_batch_size=4, device=str(dev),
+                                    stream=True, verbose=False)
+    one = llama(shape, 1, torch.bfloat16)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         hdrq.quantize(one, ids[:8], small, source=one)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
     result["profile_top"] = table
     print(table, flush=True)
     return result
@@ -163,6 +173,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="gpu: tiny shapes on the CPU (checks the script)")
     args = p.parse_args()
     if args.what == "_child":
         args.iters = 2 if args.iters is None else args.iters
