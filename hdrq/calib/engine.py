@@ -17,8 +17,12 @@ The pipeline:
 4. **Reconstruct** (brecq, qdrop, hdrq) block by block in execution order (``hdrq.calib.blocks``): cache
    the block's inputs and targets (``hdrq.calib.cache``), optimise (``hdrq.calib.reconstruct``), bake the
    result into the hard-quantized state before the next block caches its inputs.
-5. **Finalise** every layer into the hard-quantized state and record ``model.hdrq_config`` (the config as
-   a dict) and ``model.hdrq_report`` (per block: iterations, seconds, loss).
+5. **Finalise** every layer into the hard-quantized state, store the weights as packed integers, and record
+   ``model.hdrq_config`` (the config as a dict) and ``model.hdrq_report`` (per block: iterations, seconds,
+   loss).
+
+This is the whole-model path. ``hdrq.calib.stream`` runs the same steps block by block for models whose blocks
+chain (same result, one block on the device at a time); ``quantize`` takes it when it applies.
 """
 from __future__ import annotations
 
@@ -75,7 +79,10 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
             before each step. Every process returns the same model; process 0 writes the checkpoints.
 
     Returns the quantized model in eval mode, in the hard-quantized state: in every ``QuantLinear`` /
-    ``QuantConv2d``, ``weight == weight_quantizer.step_size() * weight_integers()`` exactly.
+    ``QuantConv2d``, ``weight == weight_quantizer.step_size() * weight_integers()`` exactly, the weight stored
+    as packed integers (``QuantLayer.compact``). A model whose blocks chain is streamed through the device one
+    block at a time (``hdrq.calib.stream``; ``config.stream``) and returned on ``model``'s device; otherwise it
+    is calibrated whole on the calibration device and returned there. Both give the same model.
     """
     cfg = config if config is not None else QuantConfig()
     if not isinstance(cfg, QuantConfig):

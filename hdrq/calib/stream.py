@@ -282,8 +282,7 @@ def _probe(model: nn.Module, fp_shell: nn.Module, stubs: dict[str, ChainStub], s
         raise StreamUnsupported(f"layer {between[0]!r} runs between two chain blocks")
     if watch.violation:
         raise StreamUnsupported(watch.violation)
-    for (prev, _, pkw, pout), (name, args, kwargs, _) in zip(calls, calls[1:]):
-        pargs = next(c[1] for c in calls if c[0] == prev)
+    for (prev, pargs, pkw, pout), (name, args, kwargs, _) in zip(calls, calls[1:]):
         if not args or not isinstance(args[0], Tensor) or args[0] is not first_tensor(pout):
             raise StreamUnsupported(f"block {name!r} does not take block {prev!r}'s output as its first argument")
         rest, rest_spec = pytree.tree_flatten((args[1:], kwargs))
@@ -459,6 +458,11 @@ def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: 
     by_name = {b.name: b for b in plan}
     chain_q: dict[str, nn.Module] = {}
     fp_out = q_out = None
+    bar = None
+    if cfg.verbose and not (run.data_parallel and torch.distributed.get_rank() != 0):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chain), desc="hdrq streamed blocks", unit="block", dynamic_ncols=True)
     for k, name in enumerate(chain):
         blk = by_name[name]
         block = prepare_float(model.get_submodule(name), device)
@@ -504,8 +508,13 @@ def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: 
         compact_weights(block)
         chain_q[name] = block.to(out_device)
         del block, holder
+        if bar is not None:
+            bar.update(1)
         if k + 1 < len(chain):
             fp_in, q_in = chained(fp_in, fp_out), chained(q_in, q_out)
+
+    if bar is not None:
+        bar.close()
 
     # 5. epilogue: the shells run on with the last chain block's cached outputs
     feeds = {"fp": _Feed(fp_out, n, device), "q": _Feed(q_out, n, device)}
