@@ -9,8 +9,9 @@ On a GPU machine it runs as a stage of bench/gpu_check.sh: ``BENCHES="stream"`` 
 ``memory``: a random-weight Llama-shaped decoder (transformers' ``LlamaForCausalLM``: hidden 1024, FFN 2816,
 16 heads, 4 key/value heads, vocabulary 2048; 34 layers make ~1.55 GB in fp32) is calibrated with HDRQ
 (source = the model itself, a few iterations per block) by a child process per mode, streamed and whole;
-each child reports its resident memory after ``import torch, hdrq`` (the baseline), after building the model,
-and its peak (``resource.getrusage``: ``ru_maxrss``), and the calibration caches' bytes
+each child reports its resident memory after ``import torch, transformers, hdrq`` (the baseline), after
+building the model, and the peak during calibration (``resource.getrusage``: ``ru_maxrss``, after resetting
+the high-water mark that building the model left), and the calibration caches' bytes
 (``hdrq_report[i]["cache_bytes"]``, the largest block's).
 
 ``gpu``: the decoder at 7B's shapes (hidden 4096, FFN 11008, 32 heads, vocabulary 32000) cut to 2 layers,
@@ -79,6 +80,11 @@ def child_memory(args) -> None:
     model = llama(LLAMA_SMALL, args.layers, torch.float32)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     after_model = rss_mb()
+    build_peak = peak_mb()
+    # The peak from here on is the calibration's: reset the high-water mark that building the model (random
+    # initialisation's temporaries) left (Linux: clear_refs 5 resets VmHWM, which ru_maxrss reads).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     ids = torch.randint(0, LLAMA_SMALL["vocab_size"], (args.samples, args.tokens),
                         generator=torch.Generator().manual_seed(1))
     cfg = hdrq.QuantConfig.preset("hdrq", iters=args.iters, calib_batch_size=args.batch, stream=args.mode == "streamed",
@@ -89,13 +95,14 @@ def child_memory(args) -> None:
     q_mb = sum(t.numel() * t.element_size() for t in q.state_dict().values()) / 2**20
     caches = max(r["cache_bytes"] for r in q.hdrq_report) / 2**20
     print(json.dumps(dict(mode=args.mode, layers=args.layers, model_mb=model_mb, baseline_rss_mb=base,
-                          after_model_rss_mb=after_model, peak_rss_mb=peak_mb(), quantized_model_mb=q_mb,
+                          after_model_rss_mb=after_model, build_peak_rss_mb=build_peak, peak_rss_mb=peak_mb(),
+                          quantized_model_mb=q_mb,
                           cache_mb=caches, seconds=seconds, blocks=len(q.hdrq_report))))
 
 
 def memory(args) -> list[dict]:
     rows = []
-    for mode in ("streamed", "whole"):
+    for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "_child", "--mode", mode, "--layers", str(args.layers), "--iters",
                str(args.iters), "--samples", str(args.samples), "--tokens", str(args.tokens), "--batch",
                str(args.batch)]
@@ -173,6 +180,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--modes", default="streamed,whole", help="memory: which calibrations to measure")
     p.add_argument("--smoke", action="store_true", help="gpu: tiny shapes on the CPU (checks the script)")
     args = p.parse_args()
     if args.what == "_child":

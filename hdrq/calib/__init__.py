@@ -6,8 +6,10 @@
 
 Modules: ``config`` (QuantConfig and presets), ``blocks`` (what is reconstructed together), ``cache``
 (calibration data, cached block inputs/targets), ``reconstruct`` (the optimisation loop), ``engine``
-(the pipeline).
+(the pipeline), ``stream`` (the same pipeline one block at a time on the device), ``checkpoint``
+(calibrated-model files and per-block checkpoints for resuming).
 """
+from .checkpoint import load_quantized, save_quantized
 from .blocks import Block, find_blocks, is_residual_block, is_transformer_block, quantizable_layers
 from .cache import BlockCache, collect_calib_data
 from .config import METHODS, PRESETS, QuantConfig
@@ -16,4 +18,5 @@ from .reconstruct import BlockReconstructor, BlockReport, finalize_layer, recons
 
 __all__ = ["QuantConfig", "quantize", "METHODS", "PRESETS", "Block", "find_blocks", "is_residual_block",
            "is_transformer_block", "quantizable_layers", "BlockCache", "collect_calib_data", "prepare_float",
-           "BlockReconstructor", "BlockReport", "finalize_layer", "reconstruction_loss"]
+           "BlockReconstructor", "BlockReport", "finalize_layer", "reconstruction_loss", "save_quantized",
+           "load_quantized"]

@@ -226,7 +226,8 @@ class Observer:
         self.mins[key] = m if key not in self.mins else torch.minimum(self.mins[key], m)
         flat = x.reshape(-1)
         stride = max(1, -(-flat.numel() // self.per_batch))
-        self.kept.setdefault(key, []).append(flat[::stride].float())
+        # a copy: a strided view would keep the whole activation alive until the observation ends
+        self.kept.setdefault(key, []).append(flat[::stride].float().clone())
 
     def produce(self, key: str, x: Tensor) -> None:
         # keep a reference: the id of a freed tensor could be reused within the batch
