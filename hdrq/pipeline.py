@@ -201,7 +201,10 @@ def load_config(path: Optional[str]):
         raise PipelineError(f"config {path}: no such file")
     try:
         if path.endswith(".toml"):
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python < 3.11
+                raise PipelineError(f"config {path}: TOML needs Python 3.11 (tomllib); use a .json file") from None
 
             with open(path, "rb") as f:
                 fields = tomllib.load(f)
