@@ -241,6 +241,7 @@ def test_data_parallel_matches_one_process_up_to_reduction_order(files, tmp_path
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_and_writes_the_same_files(files, tmp_path):
     config = tmp_path / "long.json"
     config.write_text(json.dumps({"method": "hdrq", "iters": 80, "calib_batch_size": 4, "noise_mode": "uniform"}))

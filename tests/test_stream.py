@@ -1,6 +1,7 @@
 """Streamed calibration (hdrq.calib.stream) against the whole-model path, and compact weight storage."""
 import copy
 import gc
+import os
 import warnings
 import weakref
 
@@ -281,3 +282,29 @@ def test_compact_models_merge_convert_save_and_barrier_like_expanded_ones(tmp_pa
         r_e = hdrq.error_barrier(ea, eb, loss_fn, data, steps=3, quant_noise=quant_noise, verbose=False)
         assert r["losses"] == r_e["losses"]
     assert r["losses"][0] != r["losses"][-1]  # the two ends differ: the interpolation reads both models
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_checkpoints_resume_after_the_last_finished_block(stream, tmp_path):
+    """A rerun with the same arguments restores the finished blocks and calibrates the rest: the same model.
+    (tests/test_pipeline.py kills a real run with SIGKILL.)"""
+    import glob
+
+    torch.manual_seed(0)
+    model, x = TinyResNet().eval(), torch.randn(24, 1, 8, 8)
+    cfg = quick("hdrq", stream=stream)
+    full = hdrq.quantize(model, x, cfg, source=model, checkpoint=str(tmp_path))
+    files = sorted(glob.glob(str(tmp_path / "block-*.safetensors")))
+    assert len(files) == len(full.hdrq_report) == 4
+    os.remove(files[-1])
+    os.remove(files[-2])
+    with open(files[0], "r+b") as f:  # a corrupted checkpoint is reported and its block calibrated again
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\0\1\2\3")
+    with pytest.warns(RuntimeWarning, match="checksum mismatch"):
+        resumed = hdrq.quantize(model, x, cfg, source=model, checkpoint=str(tmp_path))
+    assert_same_model(full, resumed)
+    other = hdrq.quantize(model, x, quick("hdrq", stream=stream, seed=5), source=model)
+    with pytest.warns(RuntimeWarning, match="belongs to another run"):  # another config: not reused
+        again = hdrq.quantize(model, x, quick("hdrq", stream=stream, seed=5), source=model, checkpoint=str(tmp_path))
+    assert_same_model(other, again)
