@@ -25,7 +25,7 @@ ifeq ($(CUDA_PY),)
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	@$(PY) -m pip install -q setuptools wheel
-	HDRQ_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,demo,real]"
+	HDRQ_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,demo,hf]"
 else
 	@# The machine's CUDA torch (and its triton) stay as they are: the other packages by name, only if missing.
 	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, hypothesis, sklearn, matplotlib, PIL, \

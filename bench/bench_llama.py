@@ -13,7 +13,7 @@ agreement with bf16 (information: RTN W6A6 / W8A8 on random weights changes the 
     python bench/bench_llama.py --out llama.json [--quick]
     python bench/bench_llama.py --tiny            # CPU: a tiny model, the pipeline and the compile only
 
-Needs ``transformers`` (``pip install hdrq[real]``).
+Needs ``transformers`` (``pip install hdrq[hf]``).
 """
 from __future__ import annotations
 

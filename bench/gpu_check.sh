@@ -3,7 +3,7 @@
 # `cuda`-marked tests and compute-sanitizer, tune the GEMM routing table, and run the benchmarks; logs and JSON go
 # to OUTDIR (at most 8 files: check.log, gemm_table.json and one JSON per tuning / benchmark).
 #
-#   bench/gpu_check.sh OUTDIR [STAGES]     STAGES: any of build,test,sanitize,racecheck,tune,bench,host,profile
+#   bench/gpu_check.sh OUTDIR [STAGES]     STAGES: any of build,test,sanitize,racecheck,tune,bench,host,profile,stream
 #
 # On one H100, as two calls of at most 8 minutes each, the second right after the first (a warm machine keeps the
 # build; a cold one rebuilds it, ~1 min more):
@@ -17,7 +17,8 @@
 # says so in check.log and the next one starts. What call 2 measures first: every route of int_matmul, the five
 # opt-in wgmma configurations among them (each checked out of process first), timed at every M bucket of the three
 # shapes (tune_gemm.json), and the table made from them. Optional stages for a third call: racecheck, host
-# (bench/host_cost.py and bench/profile_host.py), profile (Nsight Compute on bench/profile_gemm.py).
+# (bench/host_cost.py and bench/profile_host.py), profile (Nsight Compute on bench/profile_gemm.py), stream
+# (bench/bench_stream.py: streamed calibration of a 7B-shaped slice, <= 420 s).
 set -uo pipefail
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR [STAGES]}
 STAGES=${2:-build,test,sanitize}
@@ -86,5 +87,10 @@ if has profile; then
     || say "PROFILE FAILED"
   grep -E "^  [a-z_]+gemm|Duration|Compute \(SM\) Throughput|Memory Throughput|ok$|WRONG" "$OUTDIR/ncu_gemm.txt" \
     | head -n 80 | tee -a "$LOG"
+fi
+
+if has stream; then
+  # streamed calibration of a 7B-shaped 2-layer slice: device peak, reference vs Triton wall time, a profile
+  run 420 $PY bench/bench_stream.py gpu --out "$OUTDIR/bench_stream.json" || say "BENCH stream FAILED"
 fi
 say "done"

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .merge import check_compatible
-from .quant.layers import quant_layers
+from .quant.layers import expand_weights, float_state_dict, quant_layers
 from .quant.quantizer import Quantizer
 from .reference import mix_seed
 
@@ -71,8 +71,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float, *, out: Opti
     """A model whose floating tensors are ``torch.lerp(a, b, lam)`` of the two models' (exact at 0 and 1,
     and for equal tensors); other tensors are model a's. Writes into ``out`` (a model of the same
     architecture) if given, else into a deep copy of ``model_a``."""
-    out = copy.deepcopy(model_a) if out is None else out
-    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    out = expand_weights(copy.deepcopy(model_a) if out is None else out)
+    sd_a, sd_b = float_state_dict(model_a), float_state_dict(model_b)
     new = {k: torch.lerp(a, sd_b[k].to(a.device), lam) if a.is_floating_point() else a for k, a in sd_a.items()}
     out.load_state_dict(new)
     return out
@@ -102,7 +102,7 @@ def error_barrier(model_a: nn.Module, model_b: nn.Module, loss_fn: LossFn, data:
                         f"{type(loss_fn).__name__}")
     check_compatible([model_a, model_b], what=name, require_hard=False)
     _check_data(data, name)
-    work = copy.deepcopy(model_a).eval()
+    work = expand_weights(copy.deepcopy(model_a)).eval()
     layers = [layer for _, layer in quant_layers(work)]
     if quant_noise:
         if not layers:
@@ -160,7 +160,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, *, samples:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"{name}: samples must be an int >= 1, got {samples!r}")
     _check_data(data, name)
-    work = copy.deepcopy(model).eval()
+    work = expand_weights(copy.deepcopy(model)).eval()  # the weights as parameters, to differentiate
     scale_names = set()
     for qname, m in work.named_modules():
         if isinstance(m, Quantizer):

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .nn import qlayers
-from .quant.layers import QUANT_LAYERS, quant_layers
+from .quant.layers import PACKED, QUANT_LAYERS, float_state_dict, pack_integers, quant_layers
 from .quant.quantizer import Quantizer
 from .reference import mix_seed, qrange
 
@@ -443,7 +443,8 @@ def check_compatible(models: Sequence[nn.Module], *, what: str = "merge", requir
                 for key in a:
                     if a[key] != b[key]:
                         fail(f"quantizer {n0!r} has {key}={b[key]!r}, model 0's has {key}={a[key]!r}")
-        ref_sd, sd = models[0].state_dict(), m.state_dict()
+        # compared as floats: a layer holding its integers packed (QuantLayer.compact) is the same model
+        ref_sd, sd = float_state_dict(models[0]), float_state_dict(m)
         for key, v0 in ref_sd.items():
             if key not in sd:
                 fail(f"it has no tensor {key!r}")
@@ -479,9 +480,9 @@ def _check_source(source: nn.Module, model: nn.Module, method: str) -> dict:
         if isinstance(m, QUANT_LAYERS) and not isinstance(sm, (nn.Linear, nn.Conv2d) + QUANT_LAYERS):
             raise ValueError(f"merge: {method} needs the source's layer {name!r} (a Linear or Conv2d, float or "
                              f"quantized), found {type(sm).__name__ if sm is not None else 'nothing'}")
-    sd = source.state_dict()
+    sd = float_state_dict(source)
     quantizers = {name for name, m in source.named_modules() if isinstance(m, Quantizer)}
-    extra = sorted(k for k in set(sd) - set(model.state_dict()) if k.rpartition(".")[0] not in quantizers)
+    extra = sorted(k for k in set(sd) - set(float_state_dict(model)) if k.rpartition(".")[0] not in quantizers)
     if extra:
         raise ValueError(f"merge: the source is not the models' architecture: it has tensors the models lack "
                          f"{extra[:8]}")
@@ -573,8 +574,11 @@ def merge(models: Iterable[nn.Module], *, method: str = "hdrq", source: Optional
             k_int = torch.round(target / _bcast_step(step, target)).clamp_(qmin, qmax)
             res = WeightMerge(k_int.to(torch.int32), step.to(steps[0].dtype).reshape(steps[0].shape))
         put(f"{name}.weight_quantizer.scale", res.step)
-        step = _bcast_step(res.step.to(torch.float32), res.integers)
-        put(f"{name}.weight", step * res.integers.to(torch.float32))
+        if mods[0].is_compact:  # stored as packed integers, like the models
+            put(f"{name}.{PACKED}", pack_integers(res.integers, mods[0]._packed_bits))
+        else:
+            step = _bcast_step(res.step.to(torch.float32), res.integers)
+            put(f"{name}.weight", step * res.integers.to(torch.float32))
         stats[name] = {"ambiguous": res.ambiguous, "accepted": res.accepted}
 
     # 3. everything else: float parameters by the method, float buffers averaged, the rest from model 0

@@ -6,10 +6,12 @@
 
 Modules: ``config`` (QuantConfig and presets), ``blocks`` (what is reconstructed together), ``cache``
 (calibration data, cached block inputs/targets), ``reconstruct`` (the optimisation loop), ``engine``
-(the pipeline).
+(the pipeline), ``stream`` (the same pipeline one block at a time on the device), ``checkpoint``
+(calibrated-model files and per-block checkpoints for resuming).
 """
 from .blocks import (Block, find_blocks, is_residual_block, is_transformer_block, quantizable_layers,
                      report_unquantizable, unquantizable_layers)
+from .checkpoint import load_quantized, save_quantized
 from .cache import BlockCache, collect_calib_data
 from .config import METHODS, PRESETS, QuantConfig, check_device
 from .engine import prepare_float, quantize
@@ -18,4 +20,5 @@ from .reconstruct import BlockReconstructor, BlockReport, finalize_layer, recons
 __all__ = ["QuantConfig", "quantize", "METHODS", "PRESETS", "Block", "find_blocks", "is_residual_block",
            "is_transformer_block", "quantizable_layers", "unquantizable_layers", "report_unquantizable",
            "check_device", "BlockCache", "collect_calib_data", "prepare_float",
-           "BlockReconstructor", "BlockReport", "finalize_layer", "reconstruction_loss"]
+           "BlockReconstructor", "BlockReport", "finalize_layer", "reconstruction_loss", "save_quantized",
+           "load_quantized"]

@@ -286,6 +286,21 @@ class BlockCache:
         # synchronise the host with the device every step.
         self.idx_dev = idx.to(self.storage) if self.storage.type != "cpu" else idx
         self.mix_gen = torch.Generator(device=device).manual_seed(mix_seed(seed, 1))
+        self.rows = b          # samples per iteration
+        self.shard = slice(0, b)  # the rows of each batch this process trains on (data parallel: its share)
+
+    def set_shard(self, rank: int, world: int) -> None:
+        """Data parallelism: return only rows ``[rank * b // world, (rank + 1) * b // world)`` of each batch
+        (the batch itself, and its QDrop mixing, are drawn whole as in one process)."""
+        if not 0 <= rank < world or self.rows < world:
+            raise ValueError(f"BlockCache.set_shard: need 0 <= rank < world <= samples per iteration, got rank "
+                             f"{rank}, world {world}, {self.rows} samples per iteration")
+        self.shard = slice(rank * self.rows // world, (rank + 1) * self.rows // world)
+
+    @property
+    def share(self) -> float:
+        """This process's fraction of each batch."""
+        return (self.shard.stop - self.shard.start) / self.rows
 
     @classmethod
     def build(cls, fp_model: nn.Module, q_model: nn.Module, name: str, data: Tensor, device: torch.device, *,
@@ -327,9 +342,10 @@ class BlockCache:
                 xf = self._gather(f, step)
                 keep_fp = torch.rand(xq.shape, device=self.device, generator=self.mix_gen) < self.drop_prob
                 xq = torch.where(keep_fp, xf, xq)
-            leaves.append(xq)
+            leaves.append(xq if self.share == 1.0 else xq[self.shard])
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        return args, kwargs, self._gather(self.target, step)
+        target = self._gather(self.target, step)
+        return args, kwargs, target if self.share == 1.0 else target[self.shard]
 
 
 def _to(x: Any, device: torch.device) -> Any:

@@ -109,6 +109,10 @@ class QuantConfig:
             first ones; a warning says when there were more); None takes them all, which never ends on an
             endless iterable.
         verbose: tqdm progress bars (one per block, showing the loss).
+        stream: stream the model through the calibration device block by block (``hdrq.calib.stream``):
+            None (default) streams models whose blocks form a chain and calibrates any other model whole;
+            True streams or says why it cannot (a warning) and calibrates whole; False never streams. The
+            result is the same either way.
     """
 
     method: str = "hdrq"
@@ -137,6 +141,7 @@ class QuantConfig:
     cache_device: Optional[str] = None
     max_calib_samples: Optional[int] = MAX_CALIB_SAMPLES
     verbose: bool = True
+    stream: Optional[bool] = None
     version: int = CONFIG_VERSION
 
     # ---------------------------------------------------------------------------------------------
@@ -218,6 +223,8 @@ class QuantConfig:
         if self.method != "hdrq" and self.lambda_dist > 0:
             raise ValueError(f"QuantConfig: lambda_dist applies to method 'hdrq' only, got "
                              f"lambda_dist={self.lambda_dist} with method {self.method!r}")
+        if self.stream not in (None, True, False):
+            raise ValueError(f"QuantConfig: stream must be None, True or False, got {self.stream!r}")
         if self.blocks is not None and not all(isinstance(b, str) and b for b in self.blocks):
             raise ValueError(f"QuantConfig: blocks must be a list of non-empty module names, got {self.blocks!r}")
         for name in ("w_lr", "a_lr", "lambda_dist", "round_reg_weight"):

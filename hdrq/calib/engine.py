@@ -17,8 +17,12 @@ The pipeline:
 4. **Reconstruct** (brecq, qdrop, hdrq) block by block in execution order (``hdrq.calib.blocks``): cache
    the block's inputs and targets (``hdrq.calib.cache``), optimise (``hdrq.calib.reconstruct``), bake the
    result into the hard-quantized state before the next block caches its inputs.
-5. **Finalise** every layer into the hard-quantized state and record ``model.hdrq_config`` (the config as
-   a dict) and ``model.hdrq_report`` (per block: iterations, seconds, loss).
+5. **Finalise** every layer into the hard-quantized state, store the weights as packed integers, and record
+   ``model.hdrq_config`` (the config as a dict) and ``model.hdrq_report`` (per block: iterations, seconds,
+   loss).
+
+This is the whole-model path. ``hdrq.calib.stream`` runs the same steps block by block for models whose blocks
+chain (same result, one block on the device at a time); ``quantize`` takes it when it applies.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +39,7 @@ from torch import Tensor, nn
 from ..quant import fold_batchnorm, mse_scale, to_quant_layer
 from ..quant.attention import decompose_attention
 from ..quant.boundary import BLOCK_INPUT, BLOCK_OUTPUT, attach_block_quantizer
-from ..quant.layers import QuantLayer, set_module
+from ..quant.layers import QuantLayer, compact_weights, set_module
 from ..quant.quantizer import Quantizer
 from ..reference import mix_seed
 from .blocks import Block, find_blocks, is_residual_block, quantizable_layers, report_unquantizable
@@ -55,7 +59,8 @@ _BOUNDARY_STREAM = 1 << 21
 
 
 def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = None, *,
-             source: Optional[nn.Module] = None, blocks: Optional[Sequence[str]] = None) -> nn.Module:
+             source: Optional[nn.Module] = None, blocks: Optional[Sequence[str]] = None,
+             checkpoint: Optional[str] = None, data_parallel: bool = False) -> nn.Module:
     """A quantized copy of ``model`` calibrated on ``calib_data`` (``model`` itself is untouched).
 
     Args:
@@ -66,9 +71,18 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
         source: HDRQ's pre-adaptation model for the distance term (same layers as ``model``); required for
             method "hdrq" with ``lambda_dist > 0``.
         blocks: module names to reconstruct as blocks (overrides ``config.blocks`` and the detection).
+        checkpoint: a folder for one file per finished block (``hdrq.calib.checkpoint``): a run killed at any
+            point and started again with the same arguments continues after the last finished block and
+            returns the same model.
+        data_parallel: under ``torch.distributed`` (every process calls ``quantize`` with the same
+            arguments): each block's iterations are split across the processes by samples, gradients summed
+            before each step. Every process returns the same model; process 0 writes the checkpoints.
 
     Returns the quantized model in eval mode, in the hard-quantized state: in every ``QuantLinear`` /
-    ``QuantConv2d``, ``weight == weight_quantizer.step_size() * weight_integers()`` exactly.
+    ``QuantConv2d``, ``weight == weight_quantizer.step_size() * weight_integers()`` exactly, the weight stored
+    as packed integers (``QuantLayer.compact``). A model whose blocks chain is streamed through the device one
+    block at a time (``hdrq.calib.stream``; ``config.stream``) and returned on ``model``'s device; otherwise it
+    is calibrated whole on the calibration device and returned there. Both give the same model.
     """
     cfg = config if config is not None else QuantConfig()
     if not isinstance(cfg, QuantConfig):
@@ -79,6 +93,17 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     device = _device(cfg, model)
     data = collect_calib_data(calib_data, max_samples=cfg.max_calib_samples)
+    run = RunOptions(checkpoint=checkpoint, data_parallel=data_parallel)
+
+    if cfg.stream is not False:
+        from .stream import StreamUnsupported, quantize_streamed
+
+        try:
+            return quantize_streamed(model, data, cfg, device, source=source, run=run)
+        except StreamUnsupported as e:
+            if cfg.stream:
+                warnings.warn(f"hdrq.quantize: not streaming ({e}); calibrating the whole model on {device}",
+                              RuntimeWarning, stacklevel=2)
 
     fp = prepare_float(model, device)
     layers = quantizable_layers(fp)
@@ -98,6 +123,7 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
                       f"data; their weights are rounded to nearest and their inputs left unquantized",
                       RuntimeWarning, stacklevel=2)
     qmodel = build_quant_model(fp, layers, obs, cfg)
+    run.open(cfg, data, layers, source_weights is not None)
 
     reports: list[dict] = []
     if cfg.method != "rtn":
@@ -106,9 +132,15 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
             if not any(l in obs.order for l in blk.layers):
                 continue  # never executed: nothing to reconstruct against
             reports.append(_reconstruct_block(fp, qmodel, blk, i, len(plan), data, device, cfg, source_weights,
-                                              obs))
+                                              obs, run=run))
 
     finalize_model(qmodel, layers, obs)
+    return finish(qmodel, cfg, reports)
+
+
+def finish(qmodel: nn.Module, cfg: QuantConfig, reports: list[dict]) -> nn.Module:
+    """The returned model: weights stored compactly, parameters trainable, config and report recorded."""
+    compact_weights(qmodel)
     for p in qmodel.parameters():
         p.requires_grad_(True)
     qmodel.hdrq_config = cfg.to_dict()
@@ -155,6 +187,109 @@ class Observation:
     boundaries: list[str] = field(default_factory=list)
 
 
+class Observer:
+    """The hooks and state of one observation (see :func:`observe`), so that a model can also be observed in
+    parts (``hdrq.calib.stream``).
+
+    With ``structure`` the first batch of a pass decides ``order``, ``sources`` and ``boundaries`` (by object
+    identity); with ``recording`` every batch adds to the per-key minima and samples. A pass is
+    :meth:`start_batch` / the model's forward / :meth:`end_batch` per batch; :meth:`rewind` starts a new pass
+    (its first batch reads structure again)."""
+
+    def __init__(self, n: int, batch_size: int, *, placement: str, structure: bool = True, recording: bool = True):
+        self.order: dict[str, int] = {}
+        self.mins: dict[str, Tensor] = {}
+        self.kept: dict[str, list[Tensor]] = {}
+        self.sources: dict[str, str] = {}
+        self.boundaries: list[str] = []
+        self.per_batch = max(1, ACT_OBSERVER_ELEMENTS // math.ceil(n / batch_size))
+        self.output_placement = placement == "output"
+        self.structure, self.recording = structure, recording
+        self.first, self.input = True, None
+        self.produced: dict[int, tuple[str, Tensor]] = {}
+
+    def rewind(self) -> None:
+        self.first, self.input = True, None
+        self.produced.clear()
+
+    def start_batch(self, x: Any) -> None:
+        self.input = x
+
+    def end_batch(self) -> None:
+        self.first = False
+        self.produced.clear()
+
+    def record(self, key: str, x: Tensor) -> None:
+        if not self.recording:
+            return
+        x = x.detach()
+        m = x.amin().float()
+        self.mins[key] = m if key not in self.mins else torch.minimum(self.mins[key], m)
+        flat = x.reshape(-1)
+        stride = max(1, -(-flat.numel() // self.per_batch))
+        # a copy: a strided view would keep the whole activation alive until the observation ends
+        self.kept.setdefault(key, []).append(flat[::stride].float().clone())
+
+    def produce(self, key: str, x: Tensor) -> None:
+        # keep a reference: the id of a freed tensor could be reused within the batch
+        self.produced[id(x)] = (key, x)
+        if key not in self.boundaries:
+            self.boundaries.append(key)
+
+    def produced_key(self, x: Any) -> Optional[str]:
+        """The boundary key of tensor ``x`` in the current batch (MODEL_INPUT for the model's input), or None."""
+        if x is self.input:
+            return MODEL_INPUT
+        hit = self.produced.get(id(x))
+        return hit[0] if hit is not None else None
+
+    def layer_hook(self, name: str):
+        def pre(module, args):
+            x = args[0]
+            if self.structure:
+                self.order.setdefault(name, len(self.order))
+                if self.output_placement and self.first and name not in self.sources:
+                    src = self.produced.get(id(x))
+                    self.sources[name] = src[0] if src is not None else MODEL_INPUT if x is self.input else OWN
+            if self.sources.get(name, OWN) == OWN:
+                self.record(name, x)
+        return pre
+
+    def block_pre_hook(self, name: str):
+        def pre(module, args):
+            x = args[0] if args else None
+            key = f"{name}:input"
+            if self.structure and self.first and isinstance(x, Tensor) and x is not self.input \
+                    and id(x) not in self.produced:
+                self.produce(key, x)
+            if key in self.boundaries:
+                self.record(key, x)
+        return pre
+
+    def block_post_hook(self, name: str):
+        def post(module, args, output):
+            key = f"{name}:output"
+            out = first_tensor(output)
+            if self.structure and self.first:
+                self.produce(key, out)
+            if key in self.boundaries:
+                self.record(key, out)
+        return post
+
+    def attach(self, layers: dict[str, nn.Module], blocks: dict[str, nn.Module]) -> list:
+        """Register the hooks on ``layers`` and on the residual ``blocks`` (by full name); returns the handles."""
+        handles = [m.register_forward_pre_hook(self.layer_hook(n)) for n, m in layers.items()]
+        for name, block in blocks.items():
+            handles.append(block.register_forward_pre_hook(self.block_pre_hook(name)))
+            handles.append(block.register_forward_hook(self.block_post_hook(name)))
+        return handles
+
+    def result(self) -> "Observation":
+        signed = {n: bool(m < 0) for n, m in self.mins.items()}
+        samples = {n: torch.cat(v) for n, v in self.kept.items()}
+        return Observation(dict(self.order), signed, samples, dict(self.sources), list(self.boundaries))
+
+
 @torch.no_grad()
 def observe(fp: nn.Module, layers: dict[str, nn.Module], data: Tensor, batch_size: int, device: torch.device, *,
             residual_blocks: Optional[Sequence[str]] = None, placement: str = "input") -> Observation:
@@ -163,78 +298,18 @@ def observe(fp: nn.Module, layers: dict[str, nn.Module], data: Tensor, batch_siz
     layer is read off the first batch by object identity: a layer whose input *is* a quantized boundary's
     tensor (a block's output, or its input) reads it quantized. Under ``"input"`` every layer quantizes its own
     input."""
-    order: dict[str, int] = {}
-    mins: dict[str, Tensor] = {}
-    kept: dict[str, list[Tensor]] = {}
-    sources: dict[str, str] = {}
-    boundaries: list[str] = []
-    per_batch = max(1, ACT_OBSERVER_ELEMENTS // math.ceil(data.shape[0] / batch_size))
-    output_placement = placement == "output"
-    residual_blocks = residual_blocks if output_placement and residual_blocks else ()
-    state: dict[str, Any] = {"first": True, "input": None, "produced": {}}
-
-    def record(key: str, x: Tensor) -> None:
-        x = x.detach()
-        m = x.amin().float()
-        mins[key] = m if key not in mins else torch.minimum(mins[key], m)
-        flat = x.reshape(-1)
-        stride = max(1, -(-flat.numel() // per_batch))
-        kept.setdefault(key, []).append(flat[::stride].float())
-
-    def produce(key: str, x: Tensor) -> None:
-        # keep a reference: the id of a freed tensor could be reused within the batch
-        state["produced"][id(x)] = (key, x)
-        if key not in boundaries:
-            boundaries.append(key)
-
-    def layer_hook(name):
-        def pre(module, args):
-            x = args[0]
-            order.setdefault(name, len(order))
-            if output_placement and state["first"] and name not in sources:
-                src = state["produced"].get(id(x))
-                sources[name] = src[0] if src is not None else MODEL_INPUT if x is state["input"] else OWN
-            if sources.get(name, OWN) == OWN:
-                record(name, x)
-        return pre
-
-    def block_pre_hook(name):
-        def pre(module, args):
-            x = args[0] if args else None
-            key = f"{name}:input"
-            if state["first"] and isinstance(x, Tensor) and x is not state["input"] \
-                    and id(x) not in state["produced"]:
-                produce(key, x)
-            if key in boundaries:
-                record(key, x)
-        return pre
-
-    def block_post_hook(name):
-        def post(module, args, output):
-            key = f"{name}:output"
-            out = first_tensor(output)
-            if state["first"]:
-                produce(key, out)
-            record(key, out)
-        return post
-
-    handles = [m.register_forward_pre_hook(layer_hook(n)) for n, m in layers.items()]
-    for name in residual_blocks:
-        block = fp.get_submodule(name)
-        handles.append(block.register_forward_pre_hook(block_pre_hook(name)))
-        handles.append(block.register_forward_hook(block_post_hook(name)))
+    obs = Observer(data.shape[0], batch_size, placement=placement)
+    blocks = residual_blocks if placement == "output" and residual_blocks else ()
+    handles = obs.attach(layers, {name: fp.get_submodule(name) for name in blocks})
     try:
         for _, x in iter_chunks(data, batch_size, device):
-            state["input"] = x
+            obs.start_batch(x)
             fp(x)
-            state["first"] = False
-            state["produced"].clear()
+            obs.end_batch()
     finally:
         for h in handles:
             h.remove()
-    signed = {n: bool(m < 0) for n, m in mins.items()}
-    samples = {n: torch.cat(v) for n, v in kept.items()}
-    return Observation(order, signed, samples, sources, boundaries)
+    return obs.result()
 
 
 def _boundary(key: str) -> tuple[str, str]:
@@ -248,43 +323,58 @@ def build_quant_model(fp: nn.Module, layers: dict[str, nn.Module], obs: Observat
     """A copy of ``fp`` with every layer quantized, the block-boundary quantizers attached, and step sizes set
     from the observers."""
     qmodel = copy.deepcopy(fp)
-    order = obs.order
-    ends = set()
-    if order:
-        ends = {min(order, key=order.get), max(order, key=order.get)}
+    ends = end_layers(obs)
     for i, name in enumerate(layers):
-        w_bits = a_bits = None
-        if name in ends and cfg.first_last_bits is not None:
-            w_bits, a_bits = cfg.first_last_bits, cfg.first_last_bits if cfg.a_bits is not None else None
-        w_bits = w_bits or cfg.w_bits
-        a_bits = a_bits or cfg.a_bits
-        own = obs.sources.get(name, OWN) == OWN
-        enabled = a_bits is not None and own and name in obs.samples
-        is_signed = obs.signed.get(name, True)
-        q = to_quant_layer(layers[name], w_bits, a_bits or 8, per_channel=cfg.granularity == "channel",
-                           a_signed=is_signed, a_enabled=enabled)
-        wq, aq = q.weight_quantizer, q.act_quantizer
-        wq.set_scale(mse_scale(q.weight.detach(), w_bits, True, axis=wq.axis, p=cfg.observer_p))
-        if enabled:
-            aq.set_scale(mse_scale(obs.samples[name], a_bits, is_signed, p=cfg.observer_p))
-        wq.seed, aq.seed = mix_seed(cfg.seed, i, _WEIGHT_STREAM), mix_seed(cfg.seed, i, _ACT_STREAM)
-        wq.noise_mode = aq.noise_mode = cfg.noise_mode
-        aq.lsq_grad_scale = True  # LSQ's 1/sqrt(numel * qmax) on activation step sizes, as QDrop/HDRQ
-        q.requires_grad_(False)
-        set_module(qmodel, name, q.to(layers[name].weight.device).eval())
-    # The last boundary in execution order feeds the head: it takes first_last_bits, as the authors set the
-    # last activation quantizer to 8 bits.
+        set_module(qmodel, name, quant_layer(layers[name], name, i, obs, cfg, ends))
     for j, key in enumerate(obs.boundaries):
-        last = j == len(obs.boundaries) - 1 and cfg.first_last_bits is not None
-        bits = cfg.first_last_bits if last else cfg.a_bits
-        signed = obs.signed.get(key, True)
-        q = Quantizer(bits, signed=signed, noise_mode=cfg.noise_mode, lsq_grad_scale=True,
-                      seed=mix_seed(cfg.seed, _BOUNDARY_STREAM, j))
-        q.set_scale(mse_scale(obs.samples[key], bits, signed, p=cfg.observer_p))
-        q.requires_grad_(False)
         block, where = _boundary(key)
-        attach_block_quantizer(qmodel.get_submodule(block), where, q.to(obs.samples[key].device).eval())
+        attach_block_quantizer(qmodel.get_submodule(block), where, boundary_quantizer(key, j, obs, cfg))
     return qmodel
+
+
+def end_layers(obs: Observation) -> set[str]:
+    """The first and the last layer in execution order (they take ``first_last_bits``)."""
+    order = obs.order
+    return {min(order, key=order.get), max(order, key=order.get)} if order else set()
+
+
+def quant_layer(layer: nn.Module, name: str, index: int, obs: Observation, cfg: QuantConfig,
+                ends: set[str]) -> QuantLayer:
+    """The ``QuantLinear`` / ``QuantConv2d`` for float ``layer`` (``index``: its position among the model's
+    layers in registration order, which seeds its quantizers), step sizes from the observers."""
+    w_bits = a_bits = None
+    if name in ends and cfg.first_last_bits is not None:
+        w_bits, a_bits = cfg.first_last_bits, cfg.first_last_bits if cfg.a_bits is not None else None
+    w_bits = w_bits or cfg.w_bits
+    a_bits = a_bits or cfg.a_bits
+    own = obs.sources.get(name, OWN) == OWN
+    enabled = a_bits is not None and own and name in obs.samples
+    is_signed = obs.signed.get(name, True)
+    q = to_quant_layer(layer, w_bits, a_bits or 8, per_channel=cfg.granularity == "channel",
+                       a_signed=is_signed, a_enabled=enabled)
+    wq, aq = q.weight_quantizer, q.act_quantizer
+    wq.set_scale(mse_scale(q.weight.detach(), w_bits, True, axis=wq.axis, p=cfg.observer_p))
+    if enabled:
+        aq.set_scale(mse_scale(obs.samples[name], a_bits, is_signed, p=cfg.observer_p))
+    wq.seed, aq.seed = mix_seed(cfg.seed, index, _WEIGHT_STREAM), mix_seed(cfg.seed, index, _ACT_STREAM)
+    wq.noise_mode = aq.noise_mode = cfg.noise_mode
+    aq.lsq_grad_scale = True  # LSQ's 1/sqrt(numel * qmax) on activation step sizes, as QDrop/HDRQ
+    q.requires_grad_(False)
+    return q.to(layer.weight.device).eval()
+
+
+def boundary_quantizer(key: str, index: int, obs: Observation, cfg: QuantConfig) -> Quantizer:
+    """The activation quantizer of boundary ``key`` (``index``: its position in ``obs.boundaries``). The last
+    boundary in execution order feeds the head: it takes first_last_bits, as the authors set the last
+    activation quantizer to 8 bits."""
+    last = index == len(obs.boundaries) - 1 and cfg.first_last_bits is not None
+    bits = cfg.first_last_bits if last else cfg.a_bits
+    signed = obs.signed.get(key, True)
+    q = Quantizer(bits, signed=signed, noise_mode=cfg.noise_mode, lsq_grad_scale=True,
+                  seed=mix_seed(cfg.seed, _BOUNDARY_STREAM, index))
+    q.set_scale(mse_scale(obs.samples[key], bits, signed, p=cfg.observer_p))
+    q.requires_grad_(False)
+    return q.to(obs.samples[key].device).eval()
 
 
 def _boundary_quantizer(qmodel: nn.Module, key: str) -> Quantizer:
@@ -311,29 +401,96 @@ def finalize_model(qmodel: nn.Module, layers: dict[str, nn.Module], obs: Observa
             aq.set_mode("hard")
 
 
-def _reconstruct_block(fp: nn.Module, qmodel: nn.Module, blk: Block, index: int, total: int, data: Tensor,
-                       device: torch.device, cfg: QuantConfig, source_weights: Optional[dict[str, Tensor]],
-                       obs: Observation) -> dict:
-    iters = cfg.iters + (cfg.act_iters if cfg.method == "brecq" else 0)
+def block_iters(cfg: QuantConfig) -> int:
+    """Reconstruction iterations of one block (every stage)."""
+    return cfg.iters + (cfg.act_iters if cfg.method == "brecq" else 0)
+
+
+def block_seed(cfg: QuantConfig, index: int) -> int:
+    """The seed of the ``index``-th block's batch sampling and drop masks."""
+    return mix_seed(cfg.seed, _BLOCK_STREAM, index)
+
+
+@dataclass
+class RunOptions:
+    """How one ``quantize`` call runs besides its config: block checkpoints and data parallelism."""
+
+    checkpoint: Optional[str] = None
+    data_parallel: bool = False
+    checkpoints: Any = None
+
+    def open(self, cfg: QuantConfig, data: Tensor, layers: dict[str, nn.Module], source: bool) -> None:
+        if self.checkpoint is None:
+            return
+        from .checkpoint import BlockCheckpoints, fingerprint
+
+        writer = True
+        if self.data_parallel:
+            import torch.distributed as dist
+
+            writer = dist.get_rank() == 0
+        self.checkpoints = BlockCheckpoints(self.checkpoint, fingerprint(cfg.to_dict(), data, layers, source),
+                                            writer=writer)
+
+    def restore(self, index: int, name: str) -> Optional[tuple[dict, dict]]:
+        """The finished block's checkpoint, the same decision on every process."""
+        if self.checkpoints is None:
+            return None
+        hit = self.checkpoints.read(index, name)
+        if self.data_parallel:
+            import torch.distributed as dist
+
+            found = [hit is not None]
+            dist.broadcast_object_list(found, src=0)
+            if found[0] and hit is None:
+                raise RuntimeError(f"block {name!r}: process 0 resumes from a checkpoint this process cannot read")
+            hit = hit if found[0] else None
+        return hit
+
+
+def _reconstruct_block(fp: Optional[nn.Module], qmodel: nn.Module, blk: Block, index: int, total: int,
+                       data: Optional[Tensor], device: torch.device, cfg: QuantConfig,
+                       source_weights: Optional[dict[str, Tensor]], obs: Observation, *,
+                       cache: Optional[Callable[[], BlockCache]] = None, run: Optional[RunOptions] = None) -> dict:
+    """Reconstruct block ``blk`` of ``qmodel`` (or restore it from its checkpoint) and put it in the
+    hard-quantized state; its cache is built from ``fp`` and ``qmodel`` over ``data``, or by ``cache()``."""
+    run = run or RunOptions()
     qmodel.eval()
-    cache = BlockCache.build(fp, qmodel, blk.name, data, device, batch_size=cfg.calib_batch_size, iters=iters,
-                             drop_prob=cfg.drop_prob, seed=mix_seed(cfg.seed, _BLOCK_STREAM, index),
-                             cache_device=cfg.cache_device)
+    module = qmodel.get_submodule(blk.name)
     qlayers = {n: qmodel.get_submodule(n) for n in blk.layers}
+    boundary = [_boundary_quantizer(qmodel, key) for key in obs.boundaries if _boundary(key)[0] == blk.name]
+    restored = run.restore(index, blk.name)
+    if restored is not None:
+        info, tensors = restored
+        module.load_state_dict(tensors)
+        for layer in qlayers.values():
+            finalize_layer(layer, act_enabled=layer.act_quantizer.mode != "off")
+        for q in boundary:
+            finalize_quantizer(q)
+        return info["report"]
+    if cache is None:
+        built = BlockCache.build(fp, qmodel, blk.name, data, device, batch_size=cfg.calib_batch_size,
+                                 iters=block_iters(cfg), drop_prob=cfg.drop_prob, seed=block_seed(cfg, index),
+                                 cache_device=cfg.cache_device)
+    else:
+        built = cache()
+    cache = built
     src = None
     if source_weights is not None:
         src = {n: source_weights[n].to(device) for n in blk.layers}
     report = BlockReport(blk.name, blk.kind, list(blk.layers), cache_device=str(cache.storage),
                          cache_bytes=cache.nbytes())
-    boundary = [_boundary_quantizer(qmodel, key) for key in obs.boundaries if _boundary(key)[0] == blk.name]
     enabled = {n: layer.act_quantizer.mode != "off" for n, layer in qlayers.items()}  # stages switch them
-    BlockReconstructor(qmodel.get_submodule(blk.name), qlayers, cache, cfg, boundary=boundary,
-                       source_weights=src, report=report, desc=f"{cfg.method} [{index + 1}/{total}] {blk.name}").run()
+    BlockReconstructor(module, qlayers, cache, cfg, boundary=boundary, source_weights=src, report=report,
+                       desc=f"{cfg.method} [{index + 1}/{total}] {blk.name}", data_parallel=run.data_parallel).run()
     for n, layer in qlayers.items():
         finalize_layer(layer, act_enabled=enabled[n])
     for q in boundary:
         finalize_quantizer(q)
-    return report.__dict__.copy()
+    result = report.__dict__.copy()
+    if run.checkpoints is not None:
+        run.checkpoints.write(index, blk.name, module, result, {})
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,20 +517,31 @@ def _quant_layers(qmodel: nn.Module, layers: dict[str, nn.Module]):
 def _source_weights(cfg: QuantConfig, source: Optional[nn.Module],
                     layers: dict[str, nn.Module]) -> Optional[dict[str, Tensor]]:
     """HDRQ's source weights (prepared like the model, on the CPU), checked against ``layers``."""
-    needed = cfg.method == "hdrq" and cfg.lambda_dist > 0
-    if source is None:
-        if needed:
-            raise ValueError(f"method 'hdrq' with lambda_dist={cfg.lambda_dist} needs source= (the pre-adaptation "
-                             f"model the distance term pulls towards; pass the model itself to regularise towards "
-                             f"its own weights, or set lambda_dist=0)")
+    if not source_needed(cfg, source):
         return None
-    if not needed:
-        warnings.warn(f"hdrq.quantize: source is used only by method 'hdrq' with lambda_dist > 0; ignored "
-                      f"(method {cfg.method!r}, lambda_dist={cfg.lambda_dist})", RuntimeWarning, stacklevel=3)
-        return None
-    if not isinstance(source, nn.Module):
-        raise TypeError(f"source must be an nn.Module, got {type(source).__name__}")
     src_layers = quantizable_layers(prepare_float(source, "cpu"))
+    check_source_layers(layers, src_layers)
+    return {n: m.weight.detach() for n, m in src_layers.items()}
+
+
+def source_needed(cfg: QuantConfig, source: Optional[nn.Module]) -> bool:
+    """Whether ``source`` is used (HDRQ's distance term); raises if it is needed and missing, warns if given
+    and unused."""
+    needed = cfg.method == "hdrq" and cfg.lambda_dist > 0
+    if source is None and needed:
+        raise ValueError(f"method 'hdrq' with lambda_dist={cfg.lambda_dist} needs source= (the pre-adaptation "
+                         f"model the distance term pulls towards; pass the model itself to regularise towards "
+                         f"its own weights, or set lambda_dist=0)")
+    if source is not None and not needed:
+        warnings.warn(f"hdrq.quantize: source is used only by method 'hdrq' with lambda_dist > 0; ignored "
+                      f"(method {cfg.method!r}, lambda_dist={cfg.lambda_dist})", RuntimeWarning, stacklevel=4)
+    if source is not None and needed and not isinstance(source, nn.Module):
+        raise TypeError(f"source must be an nn.Module, got {type(source).__name__}")
+    return source is not None and needed
+
+
+def check_source_layers(layers: dict[str, nn.Module], src_layers: dict[str, nn.Module]) -> None:
+    """Raise ``ValueError`` unless the source's prepared layers match the model's, name for name and shape."""
     missing = [n for n in layers if n not in src_layers]
     extra = [n for n in src_layers if n not in layers]
     shapes = [f"{n}: {tuple(layers[n].weight.shape)} vs {tuple(src_layers[n].weight.shape)}"
@@ -381,4 +549,3 @@ def _source_weights(cfg: QuantConfig, source: Optional[nn.Module],
     if missing or extra or shapes:
         raise ValueError(f"source does not match the model: layers missing from source {missing}, layers only in "
                          f"source {extra}, weight shapes that differ [{'; '.join(shapes)}]")
-    return {n: m.weight.detach() for n, m in src_layers.items()}

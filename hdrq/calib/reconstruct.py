@@ -126,8 +126,16 @@ class BlockReconstructor:
 
     def __init__(self, block: nn.Module, layers: dict[str, QuantLayer], cache: BlockCache, config: QuantConfig,
                  *, boundary: Sequence[Quantizer] = (), source_weights: Optional[dict[str, Tensor]] = None,
-                 report: Optional[BlockReport] = None, desc: str = ""):
+                 report: Optional[BlockReport] = None, desc: str = "", data_parallel: bool = False):
         self.block, self.layers, self.cache, self.cfg = block, layers, cache, config
+        # Data parallel (torch.distributed initialised): each process trains on its share of every batch and the
+        # gradients are summed over processes before each step, so every process takes the same steps.
+        self.world, self.rank = 1, 0
+        if data_parallel:
+            import torch.distributed as dist
+
+            self.world, self.rank = dist.get_world_size(), dist.get_rank()
+            cache.set_shard(self.rank, self.world)
         self.source_weights = source_weights or {}
         self.report = report if report is not None else BlockReport("", "", list(layers))
         self.desc = desc
@@ -220,7 +228,7 @@ class BlockReconstructor:
         warm_iters = cfg.warmup * iters
 
         bar = None
-        if cfg.verbose:
+        if cfg.verbose and self.rank == 0:
             from tqdm.auto import tqdm
             bar = tqdm(total=iters, desc=f"{self.desc} {label}".strip(), leave=False, dynamic_ncols=True)
         loss_sum, loss_count, last_refresh, done_since_refresh = None, 0, time.monotonic(), 0
@@ -233,14 +241,23 @@ class BlockReconstructor:
                 self._cache_step += 1
                 out = first_tensor(self.block(*args, **kwargs))
                 rec = reconstruction_loss(out, target, loss_p)
+                if self.world > 1:  # this share's part of the batch mean; the regularisers split evenly
+                    rec = rec * self.cache.share
                 loss = rec
+                reg = 0.0
                 if self.adarounds and t >= warm_iters and reg_weight > 0 and learn_weights:
                     beta = beta_schedule(t, iters, cfg.warmup, b_start, b_end)
-                    loss = loss + reg_weight * sum(ar.regularizer(beta) for ar in self.adarounds.values())
+                    reg = reg + reg_weight * sum(ar.regularizer(beta) for ar in self.adarounds.values())
                 if dist_pairs:
-                    loss = loss + cfg.lambda_dist * sum(torch.linalg.vector_norm(w - ws) for w, ws in dist_pairs)
+                    reg = reg + cfg.lambda_dist * sum(torch.linalg.vector_norm(w - ws) for w, ws in dist_pairs)
+                if isinstance(reg, Tensor):
+                    loss = loss + (reg / self.world if self.world > 1 else reg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.world > 1:
+                    self._all_reduce_grads(params)
+                    if t == 0 or t == iters - 1 or bar is not None:
+                        rec = self._all_reduce(rec.detach())
                 opt.step()
                 sched.step()
 
@@ -268,6 +285,21 @@ class BlockReconstructor:
             self.report.loss_first = float(first_loss)
         self.report.loss_last = float(rec.detach())
 
+    def _all_reduce_grads(self, params: list[Tensor]) -> None:
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    def _all_reduce(self, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
     def _set_modes(self, mode: str, *, acts_on: bool, training: bool) -> None:
         """Weight quantizers to ``mode``; activation quantizers to ``mode`` (or "off" when ``acts_on`` is
         False); quantizers in training mode so QDrop's dropping is active (the rest of the block stays in
@@ -290,11 +322,12 @@ def finalize_layer(layer: QuantLayer, *, act_enabled: bool) -> None:
     if wq.rounding is not None:
         raise RuntimeError("finalize_layer: a rounding hook is still attached; bake it into the weight first")
     wq.scale.copy_(wq.step_size())
-    s = _bcast(wq.step_size(), layer.weight, wq.axis)
-    ints = layer.weight_integers()
-    layer.weight.copy_((s * ints.to(s.dtype)).to(layer.weight.dtype))
-    if not torch.equal(layer.weight_integers(), ints):  # s * k must round-trip exactly for |k| <= 128
-        raise RuntimeError("finalize_layer: the weight does not round-trip to its integers")
+    if not layer.is_compact:  # a compact layer stores step * integers by construction
+        s = _bcast(wq.step_size(), layer.weight, wq.axis)
+        ints = layer.weight_integers()
+        layer.weight.copy_((s * ints.to(s.dtype)).to(layer.weight.dtype))
+        if not torch.equal(layer.weight_integers(), ints):  # s * k must round-trip exactly for |k| <= 128
+            raise RuntimeError("finalize_layer: the weight does not round-trip to its integers")
     wq.set_mode("hard")
     wq.drop_prob = 0.0
     wq.eval()

@@ -54,8 +54,9 @@ class DecomposedMultiheadAttention(nn.Module):
             raise NotImplementedError("DecomposedMultiheadAttention does not support add_bias_kv=True or "
                                       "add_zero_attn=True")
         bias = mha.in_proj_bias is not None
-        new = cls(mha.embed_dim, mha.num_heads, kdim=mha.kdim, vdim=mha.vdim, bias=bias, dropout=mha.dropout,
-                  batch_first=mha.batch_first)
+        with torch.device(mha.out_proj.weight.device):  # built where the weights are (the meta device too)
+            new = cls(mha.embed_dim, mha.num_heads, kdim=mha.kdim, vdim=mha.vdim, bias=bias, dropout=mha.dropout,
+                      batch_first=mha.batch_first)
         if mha._qkv_same_embed_dim:
             wq, wk, wv = mha.in_proj_weight.chunk(3, dim=0)
         else:

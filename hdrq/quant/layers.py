@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Iterator, Optional
 
@@ -33,7 +34,62 @@ class QuantLayer(nn.Module):
 
     def weight_integers(self) -> Tensor:
         """The integer weights of the hard-quantized state (int32, shaped like ``weight``)."""
+        packed = self._buffers.get(PACKED)
+        if packed is not None:
+            return unpack_integers(packed, self._packed_bits, self._weight_shape)
         return self.weight_quantizer.integers(self.weight)
+
+    # -- compact storage -----------------------------------------------------------------------------
+    @property
+    def is_compact(self) -> bool:
+        """True when the weight is stored as packed integers (see :meth:`compact`)."""
+        return PACKED in self._buffers
+
+    @torch.no_grad()
+    def compact(self, *, verify: bool = True) -> "QuantLayer":
+        """Store the weight of a layer in the hard-quantized state as its integers, packed (two per byte
+        for 2-4 bits, one per byte for 5-8), instead of a float parameter: a quarter (8 bits) or an
+        eighth (4 bits) of the fp32 bytes. ``layer.weight`` stays readable, materialised on each read as
+        ``step_size() * integers`` (exactly the float weight it replaces; not a parameter, and writes to it
+        are lost: call :meth:`expand` first to change the weight). ``verify=False`` skips the checks that the
+        weight is on its grid (for a skeleton about to receive a state dict, e.g. on the meta device). Returns
+        the layer."""
+        if self.is_compact:
+            return self
+        wq = self.weight_quantizer
+        if verify and (wq.mode != "hard" or wq.rounding is not None):
+            raise ValueError(f"{type(self).__name__}.compact: the weight must be in the hard-quantized state "
+                             f"(mode 'hard', no rounding hook), got mode {wq.mode!r}")
+        w = self._parameters["weight"]
+        ints = self.weight_integers()
+        s = _bcast_step(wq.step_size(), w)
+        if verify and not torch.equal((s * ints.to(s.dtype)).to(w.dtype), w):
+            raise ValueError(f"{type(self).__name__}.compact: the weight is not step * integers; finalize it first")
+        self._packed_bits = PACK_NIBBLES if wq.bits <= PACK_NIBBLES else PACK_BYTES
+        self._weight_shape = tuple(w.shape)
+        self._weight_dtype = w.dtype
+        del self._parameters["weight"]
+        self.register_buffer(PACKED, pack_integers(ints, self._packed_bits))
+        return self
+
+    @torch.no_grad()
+    def expand(self) -> "QuantLayer":
+        """Undo :meth:`compact`: the weight a float ``nn.Parameter`` again (same values). Returns the layer."""
+        if not self.is_compact:
+            return self
+        w = self.weight
+        del self._buffers[PACKED]
+        self.weight = nn.Parameter(w, requires_grad=False)
+        return self
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # compact storage: no parameter named weight; materialise it
+            packed = self.__dict__["_buffers"].get(PACKED)
+            if packed is not None:
+                s = _bcast_step(self.weight_quantizer.step_size().detach(), packed, ndim=len(self._weight_shape))
+                ints = unpack_integers(packed, self._packed_bits, self._weight_shape)
+                return (s * ints.to(s.dtype)).to(self._weight_dtype)
+        return super().__getattr__(name)
 
     def set_bits(self, w_bits: Optional[int] = None, a_bits: Optional[int] = None) -> None:
         if w_bits is not None:
@@ -103,6 +159,66 @@ class QuantConv2d(QuantLayer):
 
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d)
+
+# Compact weight storage (QuantLayer.compact): the buffer's name and its two layouts.
+PACKED = "weight_packed"
+PACK_NIBBLES, PACK_BYTES = 4, 8
+
+
+def pack_integers(ints: Tensor, bits: int) -> Tensor:
+    """Signed integers (any shape, within the ``bits``-bit grid) as a flat uint8 tensor: two's complement
+    nibbles, element ``2i`` in the low half of byte ``i`` (``bits=4``), or one byte each (``bits=8``)."""
+    flat = ints.reshape(-1).to(torch.int16)
+    if bits == PACK_BYTES:
+        return flat.to(torch.int8).view(torch.uint8).clone()
+    if bits != PACK_NIBBLES:
+        raise ValueError(f"pack_integers: bits must be {PACK_NIBBLES} or {PACK_BYTES}, got {bits}")
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    nib = (flat & 0xF).to(torch.uint8)
+    return nib[0::2] | (nib[1::2] << 4)
+
+
+def unpack_integers(packed: Tensor, bits: int, shape) -> Tensor:
+    """The int32 integers of shape ``shape`` that :func:`pack_integers` stored in ``packed``."""
+    numel = math.prod(shape)
+    if bits == PACK_BYTES:
+        return packed.view(torch.int8)[:numel].to(torch.int32).reshape(shape)
+    lo = (packed & 0xF).to(torch.int32)
+    hi = (packed >> 4).to(torch.int32)
+    both = torch.stack([lo, hi], dim=1).reshape(-1)[:numel]
+    return torch.where(both >= 8, both - 16, both).reshape(shape)
+
+
+def _bcast_step(step: Tensor, like: Tensor, ndim: Optional[int] = None) -> Tensor:
+    """A per-tensor (one element) or per-output-channel step size shaped to broadcast against a weight."""
+    ndim = like.dim() if ndim is None else ndim
+    return step.reshape(-1, *[1] * (ndim - 1)) if step.numel() > 1 else step.reshape(())
+
+
+def compact_weights(model: nn.Module) -> nn.Module:
+    """:meth:`QuantLayer.compact` on every quantized layer of ``model`` (in place); returns ``model``."""
+    for _, layer in quant_layers(model):
+        layer.compact()
+    return model
+
+
+def expand_weights(model: nn.Module) -> nn.Module:
+    """:meth:`QuantLayer.expand` on every quantized layer of ``model`` (in place); returns ``model``."""
+    for _, layer in quant_layers(model):
+        layer.expand()
+    return model
+
+
+def float_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every compact layer's packed integers replaced by its float ``weight``
+    (the state dict of the expanded model, without expanding it)."""
+    sd = model.state_dict()
+    for name, layer in quant_layers(model):
+        prefix = f"{name}." if name else ""
+        if sd.pop(prefix + PACKED, None) is not None:
+            sd[prefix + "weight"] = layer.weight
+    return sd
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:

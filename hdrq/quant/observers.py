@@ -52,7 +52,7 @@ def default_ratios(n: int = 80) -> Tensor:
 
 
 def mse_scale(x: Tensor, bits: int, signed: bool, axis: Optional[int] = None, *, p: float = 2.4,
-              ratios: Optional[Tensor] = None, max_chunk_elements: int = 1 << 24) -> Tensor:
+              ratios: Optional[Tensor] = None, max_chunk_elements: int = 1 << 22) -> Tensor:
     """The step size ``r * minmax_scale`` minimising ``sum |fake_quant(x) - x|^p`` over ratios ``r``.
 
     Per channel on ``axis``; every (ratio, channel) pair is one row of a batched ``fake_quant`` call, the
