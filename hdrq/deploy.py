@@ -22,9 +22,9 @@ Rebuilding: a model made only of known modules (``nn.Sequential`` of layers, act
 is rebuilt from the file alone (``load(path)``). Any other model (a custom ``nn.Module`` class, whose code a
 file cannot carry without pickle) is loaded into a skeleton: ``load(path, model=MyNet())``, where the
 skeleton is the float architecture (or its fake-quant or converted form); hdrq checks it against the file
-module by module, puts the integer layers in place of the ``nn.Linear`` / ``nn.Conv2d`` (or ``QuantLinear``
-...) at their paths and ``nn.Identity`` where BatchNorm was folded, and loads the other tensors. All checks
-run before the skeleton is touched. Truncated, corrupted (checksum), foreign, wrong-version or mismatched
+module by module, puts the integer layers in place of the ``nn.Linear`` / ``nn.Conv2d`` (transformers'
+``Conv1D`` too, or ``QuantLinear`` ...) at their paths and ``nn.Identity`` where BatchNorm was folded, and loads
+the other tensors. All checks run before the skeleton is touched. Truncated, corrupted (checksum), foreign, wrong-version or mismatched
 files raise ``ValueError`` naming what differs. Loaded models are returned in eval mode.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from . import __version__
 from .nn import ACT_MODES, OBSERVERS, OFF_ACT_MODES, ActQuant, QConv2d, QLAYERS, QLinear, qlayers
 from .quant.boundary import attach_block_quantizer, is_boundary_quantizer
-from .quant.layers import QuantConv2d, QuantLinear, set_module
+from .quant.layers import QuantConv2d, QuantLinear, is_transposed_linear, set_module
 from .quant.quantizer import Quantizer
 
 __all__ = ["ConvertConfig", "convert", "save", "load", "FORMAT", "FORMAT_VERSION"]
@@ -335,6 +335,10 @@ def _module_device(m: nn.Module) -> torch.device:
 
 def _geometry_matches(skel: nn.Module, spec: dict) -> Optional[str]:
     """None if the skeleton layer has the shapes of the file's integer layer, else what differs."""
+    if is_transposed_linear(skel):  # transformers' Conv1D: a Linear that calls its sizes nx, nf
+        diff = [f"{k}: file {spec.get(k)}, model {v}" for k, v in (("in_features", skel.nx), ("out_features", skel.nf))
+                if spec.get(k) != v]
+        return "; ".join(diff) or None
     if isinstance(skel, (nn.Linear, QuantLinear, QLinear)):
         keys = ("in_features", "out_features")
     else:
@@ -400,7 +404,7 @@ def _plan_skeleton(model: nn.Module, modules: list[dict]) -> tuple[dict[str, typ
         where = f"module {p!r}" if p else "the root module"
         if p in qbuild:
             ok = _REPLACEABLE[qbuild[p]]
-            if not isinstance(m, ok):
+            if not isinstance(m, ok) and not (qbuild[p] is QLinear and is_transposed_linear(m)):
                 raise ValueError(f"hdrq.load: {where} is a {qbuild[p].__name__} in the file but a "
                                  f"{type(m).__name__} in the model (expected one of {[c.__name__ for c in ok]})")
             diff = _geometry_matches(m, e["spec"])

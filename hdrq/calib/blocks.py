@@ -15,6 +15,10 @@ The rule, applied top-down from the model's children (the first match wins, its 
    examined instead.
 3. Quantizable layers (``nn.Conv2d`` / ``nn.Linear``) outside every block are single-layer blocks.
 
+Every other layer that multiplies by a weight matrix or kernel (``nn.Conv1d``, ``nn.Embedding``, ...) stays
+float: :func:`unquantizable_layers` names them and says why, and :func:`hdrq.quantize` warns with that list
+(transformers' ``Conv1D`` is quantized: ``hdrq.quantize`` turns it into the ``nn.Linear`` it is).
+
 Only modules containing at least one quantizable layer are considered, never the model itself. Users can
 name the blocks instead (``QuantConfig.blocks`` or ``hdrq.quantize(..., blocks=[...])``).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -51,6 +56,48 @@ class Block:
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by name, in registration order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name}
+
+
+# Why a layer type that holds a weight matrix stays float, by class name (optional libraries need not be
+# imported); any other such type gets the generic reason.
+_FLOAT_REASONS = {
+    "Embedding": "an embedding table is a lookup, not a matmul",
+    "EmbeddingBag": "an embedding table is a lookup, not a matmul",
+}
+
+
+def unquantizable_layers(model: nn.Module) -> dict[str, str]:
+    """The layers of ``model`` that hold a weight matrix or kernel (a parameter named ``*weight*`` of two or more
+    dimensions) but are not a quantizable ``nn.Linear`` / ``nn.Conv2d``: ``{name: why it stays float}``, in
+    registration order. A weight shared with a quantizable layer (an embedding tied to the output layer) is
+    named too: it holds that layer's quantized values."""
+    owners = {id(m.weight): name for name, m in quantizable_layers(model).items()}
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QUANTIZABLE):
+            continue
+        weights = [p for pn, p in m.named_parameters(recurse=False) if "weight" in pn and p.dim() >= 2]
+        if not weights:
+            continue
+        cls = type(m).__name__
+        why = f"{cls}: {_FLOAT_REASONS.get(cls, 'only nn.Linear and nn.Conv2d layers are quantized')}"
+        tied = [owners[id(p)] for p in weights if id(p) in owners]
+        if tied:
+            why += f"; its weight is tied to {tied[0]!r}, so it holds that layer's quantized weight"
+        found[name] = why
+    return found
+
+
+def report_unquantizable(model: nn.Module, *, what: str = "hdrq.quantize") -> dict[str, str]:
+    """One ``UserWarning`` listing :func:`unquantizable_layers` of ``model`` (none when there are none);
+    returns them."""
+    found = unquantizable_layers(model)
+    if found:
+        listed = "; ".join(f"{name or '<root>'!r} ({why})" for name, why in list(found.items())[:12])
+        more = f"; and {len(found) - 12} more" if len(found) > 12 else ""
+        warnings.warn(f"{what}: {len(found)} layer(s) with weights stay float: {listed}{more}", UserWarning,
+                      stacklevel=3)
+    return found
 
 
 def is_transformer_block(module: nn.Module) -> bool:
