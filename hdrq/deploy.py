@@ -24,8 +24,9 @@ file cannot carry without pickle) is loaded into a skeleton: ``load(path, model=
 skeleton is the float architecture (or its fake-quant or converted form); hdrq checks it against the file
 module by module, puts the integer layers in place of the ``nn.Linear`` / ``nn.Conv2d`` (transformers'
 ``Conv1D`` too, or ``QuantLinear`` ...) at their paths and ``nn.Identity`` where BatchNorm was folded, and loads
-the other tensors. All checks run before the skeleton is touched. Truncated, corrupted (checksum), foreign, wrong-version or mismatched
-files raise ``ValueError`` naming what differs. Loaded models are returned in eval mode.
+the other tensors. All checks run before the skeleton is touched. Truncated, corrupted (checksum), foreign,
+wrong-version or mismatched files raise ``ValueError`` naming what differs. Loaded models are returned in eval
+mode.
 """
 from __future__ import annotations
 

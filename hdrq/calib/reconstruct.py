@@ -268,6 +268,7 @@ class BlockReconstructor:
                 bar.close()
         for p in params:
             p.requires_grad_(False)
+            p.grad = None  # the returned model carries no optimiser leftovers
         self.report.iters += iters
         self.report.stages.append(f"{label}:{iters}")
         if self.report.loss_first is None and first_loss is not None:
