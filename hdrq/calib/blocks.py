@@ -53,9 +53,17 @@ class Block:
     layers: tuple[str, ...]
 
 
+def _computes_as_base(m: nn.Module) -> bool:
+    """A subclass that keeps ``nn.Linear`` / ``nn.Conv2d``'s forward computes what its base class does; one with
+    its own forward (EfficientNet's static "same" padding, for example) may compute something else."""
+    return type(m).forward in (nn.Linear.forward, nn.Conv2d.forward)
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by name, in registration order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name}
+    """Every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by name (subclasses that keep the base class's forward
+    included), in registration order."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, QUANTIZABLE) and _computes_as_base(m) and name}
 
 
 # Why a layer type that holds a weight matrix stays float, by class name (optional libraries need not be
@@ -74,13 +82,17 @@ def unquantizable_layers(model: nn.Module) -> dict[str, str]:
     owners = {id(m.weight): name for name, m in quantizable_layers(model).items()}
     found = {}
     for name, m in model.named_modules():
-        if isinstance(m, QUANTIZABLE):
+        if isinstance(m, QUANTIZABLE) and _computes_as_base(m):
             continue
         weights = [p for pn, p in m.named_parameters(recurse=False) if "weight" in pn and p.dim() >= 2]
         if not weights:
             continue
         cls = type(m).__name__
-        why = f"{cls}: {_FLOAT_REASONS.get(cls, 'only nn.Linear and nn.Conv2d layers are quantized')}"
+        if isinstance(m, QUANTIZABLE):
+            base = "Linear" if isinstance(m, nn.Linear) else "Conv2d"
+            why = f"{cls}: a subclass of nn.{base} with its own forward (hdrq cannot tell what it computes)"
+        else:
+            why = f"{cls}: {_FLOAT_REASONS.get(cls, 'only nn.Linear and nn.Conv2d layers are quantized')}"
         tied = [owners[id(p)] for p in weights if id(p) in owners]
         if tied:
             why += f"; its weight is tied to {tied[0]!r}, so it holds that layer's quantized weight"

@@ -45,7 +45,8 @@ from ..quant.boundary import BLOCK_INPUT, BLOCK_OUTPUT, attach_block_quantizer
 from ..quant.layers import QuantLayer, set_module
 from ..quant.quantizer import Quantizer
 from ..reference import mix_seed
-from .blocks import QUANTIZABLE, Block, find_blocks, is_residual_block, quantizable_layers, report_unquantizable
+from .blocks import (QUANTIZABLE, Block, find_blocks, is_residual_block, quantizable_layers,
+                     report_unquantizable)
 from .cache import BlockCache, canonical_device, collect_calib_data, iter_chunks
 from .config import QuantConfig
 from .reconstruct import BlockReconstructor, BlockReport, finalize_layer, finalize_quantizer, first_tensor
