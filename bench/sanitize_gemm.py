@@ -55,6 +55,9 @@ CASES = [
     ("Decode64N128", 6, 50, 130, 300, 1),
 ]
 SMALL = [c for c in CASES if (c[2] <= 130 and c[4] <= 300) or c[4] <= 64]
+# the routes outside hdrq._C, through hdrq.ops.int_matmul with HDRQ_GEMM_PATH: (path, bits, M, N, K)
+ROUTES = [("triton", 8, 17, 72, 300), ("triton", 6, 3, 40, 100), ("triton", 8, 130, 136, 200),
+          ("int_mm", 8, 33, 72, 96), ("int_mm", 6, 40, 48, 128)]
 
 
 def main() -> int:
@@ -85,6 +88,17 @@ def main() -> int:
         failures += not ok
         print(f"{path:12s} w{bits} M={m} N={n} K={k} {plan.bm}x{plan.bn} splits={plan.splits}: "
               f"{'ok' if ok else 'WRONG'}", flush=True)
+    from hdrq import ops
+
+    for path, bits, m, n, k in ROUTES:
+        g = gemm_problem(m, n, k, bits)
+        os.environ["HDRQ_GEMM_PATH"] = path
+        w = ops.PackedWeight(g.w, bits, (n, k), g.w_scale)
+        out = ops.int_matmul(g.a, g.a_scale, w, bias=g.bias)
+        os.environ.pop("HDRQ_GEMM_PATH")
+        ok = torch.equal(out, ref.int_matmul(g.a, g.a_scale, g.w, g.w_scale, bits, g.bias, torch.bfloat16))
+        failures += not ok
+        print(f"{path:12s} w{bits} M={m} N={n} K={k}: {'ok' if ok else 'WRONG'}", flush=True)
     torch.cuda.synchronize()
     return 1 if failures else 0
 

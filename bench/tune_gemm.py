@@ -1,150 +1,166 @@
-"""Decode-path tuning: every decode tile configuration x K splits, timed on the GPU like bench_gemm.py.
+"""Routing-table tuning: every GEMM implementation at every M bucket, timed on the GPU; writes the device's table.
 
-For N x K in {4096 x 4096, 14336 x 4096, 4096 x 14336}, M in {1, 16, 32, 64} and 8- / 6-bit weights, times
-each decode configuration of ``hdrq._cuda.DECODE_CONFIGS`` that serves M's bucket (16 / 32 / 64 rows) at
-each K split count, the plan ``auto`` picks today, and cuBLAS bf16 in the same run. Same timing as
-bench_gemm.py: CUDA graphs of several calls, weights rotated over copies larger than L2. Writes the full grid
-and a summary (best configuration and splits per case, against ``auto``) for bench/report.py; the
-dispatcher's default (``GemmDispatch.decode_configs``: configuration and split-K target per bucket) is set from it.
+For N x K in {4096 x 4096, 14336 x 4096, 4096 x 14336}, M in {1, 16, 64, 256, 2048, 8192} and 8- / 6-bit weights,
+times each route ``hdrq::int_matmul`` can take there (``hdrq._cuda``): the mma.sync decode kernels (M <= 64) and
+general kernel (M > 64), every Hopper wgmma configuration that passes its out-of-process check (6-bit weights with
+and without the expansion pass), ``torch._int_mm`` with the epilogue (M > 16), and the Triton GEMM in each candidate
+tile configuration for the M (``hdrq.kernels.gemm.candidates_for``); cuBLAS bf16 in the same run. Each route is
+installed as a one-rule table and timed like bench_gemm.py (CUDA graphs of several calls, weights rotated over
+copies larger than L2 at M <= 256). The fastest route per (bits, N, K, M) becomes a shape rule of the table, and
+per (bits, M) the route with the lowest geometric mean of (time / fastest) over the shapes becomes the rule for
+other shapes. Within ``--budget-s`` seconds (cases left out are listed).
 
-    python bench/tune_gemm.py --out tune_gemm.json [--quick] [--dispatch-out dispatch.json]
-    python bench/bench_gemm.py --out gemm.json --dispatch dispatch.json   # benchmark with the fitted choice
+    python bench/tune_gemm.py --out tune_gemm.json --table-out TABLE.json [--quick] [--budget-s 200]
+    HDRQ_GEMM_TABLE=TABLE.json python ...        # use it; or copy it into hdrq/gemm_tables/ for the device
+
+The decode kernels' own tiles and split-K are fitted by bench/tune_decode.py.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gemm import L2_ROTATE_BYTES, SHAPES, Case, graph_time_us  # noqa: E402
-from common import cli, copy_bandwidth_gbs, section, write  # noqa: E402
+from bench_gemm import L2_ROTATE_BYTES, MS, SHAPES, Case, graph_time_us, wgmma_checks  # noqa: E402
+from common import cli, copy_bandwidth_gbs, device_info, section, write  # noqa: E402
+
+from hdrq import ops  # noqa: E402
 
 
-MS = [1, 16, 32, 64]
-SPLITS = list(range(1, 17))
-BLOCKS_PER_SM = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0]  # split-K targets the fit chooses from
+def routes_for(hc, kg, m: int, bits: int, wgmma_ok: dict) -> list:
+    """Every route worth timing at M = ``m``."""
+    out = [hc.Route("triton", config=cfg) for cfg in kg.candidates_for(m)]
+    if m > 16:
+        out.append(hc.Route("int_mm"))
+    if m <= 64:
+        out.append(hc.Route("decode"))
+        if wgmma_ok.get("wgmma_decode"):
+            out.append(hc.Route("wgmma_decode"))
+        return out
+    out.append(hc.Route("mma"))
+    for p in hc.WGMMA_PATHS:
+        if p != "wgmma_decode" and wgmma_ok.get(p):
+            expands = (True,) if p in hc.EIGHT_BIT_ONLY else ((False, True) if bits == 6 else (False,))
+            out += [hc.Route(p, x) for x in expands]
+    return out
 
 
-def bucket_configs(hc, m: int) -> list[str]:
-    """Decode configurations of the smallest M bucket that holds m rows."""
-    top = min(t for _, t in hc.DECODE_CONFIGS.values() if t >= m)
-    return [name for name, (_, t) in hc.DECODE_CONFIGS.items() if t == top]
+def label(route) -> str:
+    s = route.path + ("+x8" if route.expand else "")
+    if route.config is not None:
+        c = route.config
+        s += f" {c.bm}x{c.bn}x{c.bk} g{c.group_m} s{c.split_k} w{c.num_warps} st{c.num_stages}"
+    return s
 
 
-def fit(hc, times: dict, best: dict) -> tuple[list, list]:
-    """Per decode M bucket, the (configuration, blocks per SM) whose dispatcher-predicted split counts give
-    the lowest geometric-mean slowdown against the best measured plan of each case. Returns the
-    ``GemmDispatch.decode_configs`` value and the table of every candidate's cost."""
-    sms = hc._device_info(torch.cuda.current_device())[1]
-    chosen, table = [], []
-    for top in sorted({t for _, t in hc.DECODE_CONFIGS.values()}):
-        cases = [c for c in best if bucket_configs(hc, c[1]) == bucket_configs(hc, top)]
-        if not cases:
-            continue
-        cands = []
-        for name in bucket_configs(hc, top):
-            for b in BLOCKS_PER_SM:
-                logs = []
-                for shape, m, bits in cases:
-                    n, k = (int(v) for v in shape.split("x"))
-                    bm, bn, bk = hc.tile_info(0, hc.DECODE_CONFIGS[name][0], bits)[:3]
-                    s = hc._splits(m, n, k, bits, bm, bn, bk, sms, b, hc.DISPATCH)
-                    t = times.get((shape, m, bits, name, s))
-                    logs.append(math.log(t / best[(shape, m, bits)][0]) if t else math.inf)
-                cost = math.exp(sum(logs) / len(logs))
-                cands.append((cost, name, b))
-                table.append([f"M <= {top}", name, b, round(cost, 3) if math.isfinite(cost) else "n/a"])
-        cost, name, b = min(cands)
-        chosen.append([top, name, b])
-        print(f"decode M <= {top}: {name}, {b} blocks per SM ({cost:.3f}x the best plan, geometric mean)", flush=True)
-    return chosen, table
+def build_table(hc, best: dict, times: dict, meta: dict):
+    """Shape rules (fastest route per bits, N, K and M bucket) then generic rules (per bits and M bucket, the route
+    with the lowest geometric-mean slowdown over the shapes)."""
+    rules = []
+    shapes = sorted({(n, k) for _, n, k, _ in best})
+    ms = sorted({m for *_, m in best})
+    for bits in (8, 6):
+        for n, k in shapes:
+            for i, m in enumerate(ms):
+                if (bits, n, k, m) in best:
+                    rules.append(hc.Rule(bits, None if i == len(ms) - 1 else m, best[bits, n, k, m][1], n, k))
+    for bits in (8, 6):
+        for i, m in enumerate(ms):
+            cases = [key for key in best if key[0] == bits and key[3] == m]
+            common = None
+            for key in cases:
+                here = {label(r) for r in times[key]}
+                common = here if common is None else common & here
+            scored = []
+            for lab in common or ():
+                logs = [math.log(times[key][next(r for r in times[key] if label(r) == lab)] / best[key][0])
+                        for key in cases]
+                scored.append((math.exp(sum(logs) / len(logs)), lab))
+            if scored:
+                cost, lab = min(scored)
+                route = next(r for r in times[cases[0]] if label(r) == lab)
+                rules.append(hc.Rule(bits, None if i == len(ms) - 1 else m, route))
+    return hc.RoutingTable(rules, meta)
 
 
 def main():
-    args = cli(__doc__.splitlines()[0], {"--dispatch-out": "also write the chosen GemmDispatch fields here (JSON)"})
+    args = cli(__doc__.splitlines()[0], {"--table-out": "write the routing table here (JSON)",
+                                         "--budget-s": "stop starting new cases after this many seconds (200)"})
     import hdrq._cuda as hc
+    from hdrq.kernels import gemm as kg
 
-    ms = [1, 32, 64] if args.quick else MS  # one M per decode bucket
-    # Hopper: the wgmma decode configuration too (its own column; the fit of decode_configs stays on mma.sync)
-    wgmma_decode = torch.cuda.get_device_capability() == (9, 0) and hc.wgmma_canary("wgmma_decode")[0]
-    print(f"wgmma_decode timed: {wgmma_decode}", flush=True)
+    budget = float(args.budget_s or 200)
+    t_start = time.time()
+    ms = [1, 64, 2048] if args.quick else MS
     shapes = SHAPES[:2] if args.quick else SHAPES
+    wgmma_ok, wgmma_note = wgmma_checks()
+    print(wgmma_note, flush=True)
     bw = copy_bandwidth_gbs()
-    grid, summary = [], []
-    times, bests = {}, {}
-    for n, k in shapes:
-        for m in ms:
-            copies = max(1, min(16, math.ceil(L2_ROTATE_BYTES / (0.75 * n * k))))
+    grid, summary, skipped = [], [], []
+    best, times = {}, {}
+    for m in ms:  # every shape at one M before the next M: a cut budget leaves whole M buckets out
+        for n, k in shapes:
+            if time.time() - t_start > budget:
+                skipped.append(f"M={m} {n}x{k}")
+                continue
+            copies = max(1, min(16, math.ceil(L2_ROTATE_BYTES / (0.75 * n * k)))) if m <= 256 else 1
             c = Case(m, n, k, copies)
-            reps = 20
-            base = graph_time_us(lambda i: (lambda: F.linear(c.x, c.w_bf16[i], c.bias)), copies, reps)
+            est_us = max(2 * m * n * k / 7e8, 2 * n * k / 1.4e3)
+            reps = int(min(30, max(2, 1000 / est_us)))
+            base = graph_time_us(lambda i: (lambda: F.linear(c.x, c.w_bf16[i], c.bias)), copies, reps, rep_ms=30)
             for bits in (8, 6):
                 a_q, a_s = c.a_q[bits]
-                out = torch.empty((m, n), dtype=torch.bfloat16, device="cuda")
-                wbytes = n * k * (1.0 if bits == 8 else 0.75)
-
-                def make(plan_override):
-                    return lambda i: (lambda: hc.int_gemm_out(out, a_q, a_s, c.packed[bits][i], c.w_scale[bits],
-                                                              c.bias, bits, plan_override=plan_override))
-
-                auto = hc.plan(m, n, k, bits, torch.device("cuda"), "auto")
-                auto_us = graph_time_us(make(None), copies, reps)
-                best = best_wg = None
-                for name in bucket_configs(hc, m) + (["wgmma_decode"] if wgmma_decode else []):
-                    for s in SPLITS:
-                        try:
-                            pl = hc.plan_for_config(m, n, k, bits, name, s)
-                        except ValueError:
-                            continue
-                        if math.ceil(m / pl.bm) * math.ceil(n / pl.bn) * s * pl.bm * pl.bn > 64 * 2**20:
-                            continue  # a split-K partial buffer over 256 MB: not a plan worth timing
-                        ran = hc.int_gemm_out(out, a_q, a_s, c.packed[bits][0], c.w_scale[bits], c.bias, bits,
-                                              plan_override=pl)
-                        assert (ran.config, ran.splits) == (pl.config, s), (ran, pl)  # no silent fallback
-                        us = graph_time_us(make(pl), copies, reps, rep_ms=25)
-                        grid.append([f"{n}x{k}", m, bits, name, s, round(us, 1), round(wbytes / us / 1e3),
-                                     round(base / us, 2)])
-                        times[(f"{n}x{k}", m, bits, name, s)] = us
-                        if name == "wgmma_decode":
-                            if best_wg is None or us < best_wg[0]:
-                                best_wg = (us, name, s)
-                        elif best is None or us < best[0]:
-                            best = (us, name, s)
-                bests[(f"{n}x{k}", m, bits)] = best
-                auto_name = auto.path if auto.path != "decode" else next(
-                    nm for nm, (i, _) in hc.DECODE_CONFIGS.items() if i == auto.config)
-                wg = [f"s{best_wg[2]}", round(best_wg[0], 1), round(base / best_wg[0], 2)] if best_wg else ["", "", ""]
-                summary.append([f"{n}x{k}", m, bits, round(base, 1), f"{auto_name} s{auto.splits}", round(auto_us, 1),
-                                round(base / auto_us, 2), f"{best[1]} s{best[2]}", round(best[0], 1),
-                                round(wbytes / best[0] / 1e3), round(base / best[0], 2), *wg])
-                print(f"{n}x{k} M={m} w{bits}: bf16 {base:.1f} us, auto {auto_name} s{auto.splits} {auto_us:.1f} us, "
-                      f"best {best[1]} s{best[2]} {best[0]:.1f} us", flush=True)
+                key = (bits, n, k, m)
+                times[key] = {}
+                for r in routes_for(hc, kg, m, bits, wgmma_ok):
+                    hc.set_routing_table(hc.RoutingTable([hc.Rule(bits, None, r)], {}))
+                    try:
+                        us = graph_time_us(lambda i: (lambda: ops.int_matmul(a_q, a_s, c.packed[bits][i], bias=c.bias)),
+                                           copies, reps, rep_ms=30)
+                    except Exception as e:  # a configuration that does not compile or launch here: left out
+                        print(f"  {label(r)}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        continue
+                    times[key][r] = us
+                    grid.append([f"{n}x{k}", m, bits, label(r), round(us, 1), round(base / us, 2)])
+                fastest = min(times[key].items(), key=lambda kv: kv[1])
+                best[key] = (fastest[1], fastest[0])
+                summary.append([f"{n}x{k}", m, bits, round(base, 1), label(fastest[0]), round(fastest[1], 1),
+                                round(base / fastest[1], 2)])
+                print(f"{n}x{k} M={m} w{bits}: bf16 {base:.1f} us, best {label(fastest[0])} {fastest[1]:.1f} us "
+                      f"({base / fastest[1]:.2f}x)", flush=True)
             del c
             torch.cuda.empty_cache()
-    chosen, costs = fit(hc, {key: t for key, t in times.items() if key[3] != "wgmma_decode"}, bests)
-    notes = (f"Copy bandwidth in this run: {bw:.0f} GB/s. CUDA graphs of 20 calls, weights rotated over >= 150 MB. "
-             "'x bf16' = cuBLAS bf16 F.linear time / this time. GB/s counts weight bytes.")
+    hc.set_routing_table(None)
+    info = device_info()
+    meta = {"device": {"names": [torch.cuda.get_device_name()], "capability": list(torch.cuda.get_device_capability()),
+                       "sms": torch.cuda.get_device_properties(0).multi_processor_count},
+            "measured_on_device": True,
+            "source": f"bench/tune_gemm.py on {info.get('gpu')} ({info['date']}, torch {info['torch']}, triton "
+                      f"{info['triton']}): the fastest route per shape and M, then per M over the shapes"
+                      + (f"; cases left out (budget): {', '.join(skipped)}" if skipped else ""),
+            "date": datetime.date.today().isoformat()}
+    table = build_table(hc, best, times, meta)
+    if args.table_out:
+        with open(args.table_out, "w") as f:
+            json.dump(table.to_json(), f, indent=1)
+    notes = (f"Copy bandwidth in this run: {bw:.0f} GB/s. CUDA graphs, weights rotated over >= 150 MB at M <= 256. "
+             f"'x bf16' = cuBLAS bf16 time / this time. {wgmma_note}. Budget {budget:.0f} s; left out: "
+             f"{', '.join(skipped) or 'none'}.")
     write(args.out, [
-        section("Decode tuning: best configuration and K splits per case, against auto",
-                ["N x K", "M", "bits", "bf16 us", "auto plan", "auto us", "auto x bf16", "best plan", "best us",
-                 "best weight GB/s", "best x bf16", "wgmma_decode best", "its us", "its x bf16"], summary,
-                notes + " 'best plan' is over the mma.sync decode configurations; 'wgmma_decode best' is the Hopper "
-                "wgmma decode configuration's best split count (empty: not an sm_90 GPU)."),
-        section("Decode tuning: every configuration x K splits",
-                ["N x K", "M", "bits", "config", "splits", "us", "weight GB/s", "x bf16"], grid, notes),
-        section("Decode tuning: the dispatcher's choice per M bucket (configuration, split-K blocks per SM)",
-                ["bucket", "config", "blocks per SM", "geo-mean time / best"], costs,
-                f"Chosen (GemmDispatch.decode_configs): {chosen}. Each candidate's splits are those hdrq._cuda._splits "
-                "predicts; cost = geometric mean over the bucket's cases of its measured time / the best time."),
-    ], {"copy_gbs": bw, "decode_configs": chosen})
-    if args.dispatch_out:
-        with open(args.dispatch_out, "w") as f:
-            json.dump({"decode_configs": chosen}, f)
+        section("Routing table tuning: the fastest route per case", ["N x K", "M", "bits", "bf16 us", "fastest route",
+                                                                     "us", "x bf16"], summary, notes),
+        section("Routing table tuning: every route timed", ["N x K", "M", "bits", "route", "us", "x bf16"], grid,
+                notes),
+        section("Routing table written", ["bits", "max M", "N", "K", "route"],
+                [[r.bits, r.max_m, r.n, r.k, label(r.route)] for r in table.rules]),
+    ], {"copy_gbs": bw, "table": table.to_json()})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ low-precision models, with Triton and CUDA kernels behind one op seam (``hdrq.op
 The public names of DESIGN §4 are imported lazily (``import hdrq`` stays fast and never imports Triton):
 
     hdrq.ops, hdrq.set_backend, hdrq.QuantConfig, hdrq.quantize, hdrq.merge, hdrq.error_barrier,
-    hdrq.convert, hdrq.save, hdrq.load, hdrq.nn, hdrq.analysis, hdrq.data
+    hdrq.convert, hdrq.save, hdrq.load, hdrq.nn, hdrq.analysis
 """
 import importlib
 
@@ -25,7 +25,6 @@ _LAZY = {
     "calib": None,
     "analysis": None,
     "nn": None,
-    "data": None,
     "deploy": None,
 }
 

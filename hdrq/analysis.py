@@ -95,6 +95,11 @@ def error_barrier(model_a: nn.Module, model_b: nn.Module, loss_fn: LossFn, data:
         raise ValueError(f"{name}: steps must be an int >= 2, got {steps!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"{name}: draws must be an int >= 1, got {draws!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{name}: seed must be an int >= 0, got {seed!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"{name}: loss_fn must be a callable loss_fn(model, batch) -> scalar tensor, got "
+                        f"{type(loss_fn).__name__}")
     check_compatible([model_a, model_b], what=name, require_hard=False)
     _check_data(data, name)
     work = copy.deepcopy(model_a).eval()

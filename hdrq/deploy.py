@@ -25,8 +25,8 @@ skeleton is the float architecture (or its fake-quant or converted form); hdrq c
 module by module, puts the integer layers in place of the ``nn.Linear`` / ``nn.Conv2d`` (transformers'
 ``Conv1D`` too, or ``QuantLinear`` ...) at their paths and ``nn.Identity`` where BatchNorm was folded, and loads
 the other tensors. All checks run before the skeleton is touched. Truncated, corrupted (checksum), foreign,
-wrong-version or mismatched files raise ``ValueError`` naming what differs. Loaded models are returned in eval
-mode.
+wrong-version or mismatched files raise ``ValueError`` naming what differs; a missing file ``FileNotFoundError``
+and a folder ``IsADirectoryError``. Loaded models are returned in eval mode.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .calib.blocks import report_unquantizable
+from .calib.config import check_device
 from .nn import ACT_MODES, OBSERVERS, OFF_ACT_MODES, ActQuant, QConv2d, QLAYERS, QLinear, qlayers
 from .quant.boundary import attach_block_quantizer, is_boundary_quantizer
 from .quant.layers import QuantConv2d, QuantLinear, is_transposed_linear, set_module
@@ -81,6 +83,9 @@ class ConvertConfig:
     skip: tuple = ()
 
     def __post_init__(self):
+        if isinstance(self.skip, (str, bytes)) or not all(isinstance(n, str) for n in self.skip):
+            raise TypeError(f"ConvertConfig: skip must be a list of module names, got {self.skip!r}"
+                            + (f" (write skip=[{self.skip!r}])" if isinstance(self.skip, str) else ""))
         self.skip = tuple(self.skip)
         if self.act not in ("static", "dynamic"):
             raise ValueError(f"ConvertConfig: act must be 'static' or 'dynamic', got {self.act!r}")
@@ -124,11 +129,19 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None, *, verbose
     from tqdm.auto import tqdm
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    if config is not None and not isinstance(config, ConvertConfig):
+        raise TypeError(f"convert: config must be a hdrq.deploy.ConvertConfig, got {type(config).__name__} (its "
+                        f"fields may also be passed as keywords: convert(model, act='dynamic'))")
     cfg = dataclasses.replace(config or ConvertConfig(), **overrides)
     root = _convert_one(model, cfg)
     if root is not None:  # a bare layer
         return root
+    unknown = sorted(set(cfg.skip) - {name for name, _ in model.named_modules()})
+    if unknown:
+        raise ValueError(f"convert: skip names modules the model does not have: {unknown[:8]}")
+    if cfg.w_bits is not None:
+        report_unquantizable(model, what="hdrq.convert")
     out = copy.deepcopy(model)
     # every path (a layer registered twice is converted once and stays shared)
     targets = [(name, m) for name, m in out.named_modules(remove_duplicate=False)
@@ -256,7 +269,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"save takes an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"hdrq.save: model must be an nn.Module, got {type(model).__name__}")
     qpaths = {name for name, _ in qlayers(model)}
     if not qpaths:
         raise ValueError("save: the model has no hdrq.nn.QLinear / QConv2d; convert it first (hdrq.convert)")
@@ -275,7 +288,10 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         "modules": modules,
     }
     meta_json = json.dumps(info, default=str)
-    path = os.fspath(path)
+    path = _file_path(path, "hdrq.save")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"hdrq.save: the folder {folder} does not exist (create it first)")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata={"hdrq": meta_json, "hdrq_sha256": _digest(meta_json, tensors)})
@@ -288,6 +304,18 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 # ======================================================================================================
 # load
 # ======================================================================================================
+
+
+def _file_path(path, what: str) -> str:
+    """``path`` as a str; ``TypeError`` for a non-path, ``IsADirectoryError`` for a directory."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{what}: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[:4]
+        raise IsADirectoryError(f"{what}: {path} is a directory; pass the path of a file (written by hdrq.save)"
+                                + (f", e.g. one of {found}" if found else ""))
+    return path
 
 
 def _read(path: str) -> tuple[dict, dict[str, Tensor]]:
@@ -442,7 +470,11 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
     initialising float weights. Integer weights are packed for the kernels on ``device`` (default: the
     skeleton module's device, or CPU when rebuilding); the whole model moves to ``device`` when it is given.
     Returns the model in eval mode, with ``hdrq_config`` / ``hdrq_deploy`` from the file."""
-    path = os.fspath(path)
+    path = _file_path(path, "hdrq.load")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"hdrq.load: no such file: {path}")
+    if device is not None:
+        device = check_device(device, what="hdrq.load: device")
     info, tensors = _read(path)
     modules = info["modules"]
     qentries = {e["path"]: e for e in modules if _BY_NAME.get(e["type"]) in QLAYERS}

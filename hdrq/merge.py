@@ -40,22 +40,34 @@ Methods (``θ_i`` below is model i's dequantized weight ``s_i q_i``, or its floa
   :func:`merge_weight`. Float tensors are averaged (they have no grid, so nothing is ambiguous).
 
 Float models (no quantized layers) merge as floats: the FP baseline.
+
+**Merge before converting.** Models already converted by ``hdrq.convert`` (``hdrq.nn.QLinear`` /
+``QConv2d`` inside) are refused with a ``ValueError`` that says so: ``hdrq.convert(hdrq.merge(models))``.
+A converted model is the deploy form: its integers are packed for one kernel, its step sizes and biases are
+buffers rather than parameters (so the methods above could not tell them from running statistics), a
+dynamic-input layer has dropped its calibrated input step size and an RTN-converted float layer never had
+one. Merging it would take a second implementation of every method on a second representation, for inputs
+that always exist in the merge-able form: ``convert`` returns a copy and leaves the fake-quant model
+untouched, and a float model is merged as floats before it is converted by RTN.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import numbers
 import sys
 import types
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
+from .nn import qlayers
 from .quant.layers import QUANT_LAYERS, quant_layers
 from .quant.quantizer import Quantizer
 from .reference import mix_seed, qrange
@@ -105,6 +117,8 @@ class MergeConfig:
             raise ValueError(f"merge: method must be one of {METHODS}, got {self.method!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"merge: seed must be an int, got {type(self.seed).__name__}")
+        if self.seed < 0:
+            raise ValueError(f"merge: seed must be >= 0, got {self.seed}")
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
             raise ValueError(f"merge: candidates must be an int >= 1, got {self.candidates!r}")
         if self.lam is not None and not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam)):
@@ -122,6 +136,9 @@ def normalise_weights(weights: Optional[Sequence[float]], n: int) -> tuple:
     """``weights`` (one non-negative finite number per model, positive sum) divided by their sum."""
     if weights is None:
         return tuple([1.0 / n] * n)
+    if isinstance(weights, (str, bytes)) or not all(isinstance(x, numbers.Real) and not isinstance(x, bool)
+                                                    for x in weights):
+        raise TypeError(f"merge: weights must be a list of numbers (one per model), got {weights!r}")
     w = [float(x) for x in weights]
     if len(w) != n:
         raise ValueError(f"merge: weights must have one entry per model ({n}), got {len(w)}")
@@ -383,35 +400,50 @@ def _quantizer_signature(q: Quantizer) -> dict:
 
 
 def check_compatible(models: Sequence[nn.Module], *, what: str = "merge", require_hard: bool = True) -> None:
-    """Raise ``ValueError`` naming the first difference between ``models[0]`` and another model: module
-    names and types, quantizer bit widths / signedness / axes / modes, state-dict names, shapes and dtypes.
-    With ``require_hard``, every quantized layer must be in the hard-quantized state."""
+    """Raise naming the first difference between ``models[0]`` and another model: ``TypeError`` for a
+    non-module, ``ValueError`` for fewer than 2 models, a converted (deploy) model (merge and compare the
+    fake-quant models: see the module docstring), a different architecture (module names and types),
+    quantizer bit widths / signedness / axes / modes, or state-dict names, shapes, dtypes and devices without
+    values ("meta"). With ``require_hard``, every quantized layer must be in the hard-quantized state."""
     if len(models) < 2:
         raise ValueError(f"{what}: need at least 2 models, got {len(models)}")
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{what}: model {i} is a {type(m).__name__}, not an nn.Module")
-    ref_modules = list(models[0].named_modules())
-    ref_sd = models[0].state_dict()
+    for i, m in enumerate(models):
+        converted = next(qlayers(m), None)
+        if converted is not None:
+            raise ValueError(f"{what}: model {i} is already converted for deployment (layer {converted[0]!r} is a "
+                             f"hdrq.nn.{type(converted[1]).__name__}); {what} takes the fake-quant models that "
+                             f"hdrq.quantize returns: " + ("merge first, then convert: hdrq.convert(hdrq.merge("
+                             "models))" if what == "merge" else "pass the models as they were before hdrq.convert"))
+        meta = next((k for k, t in m.state_dict().items() if t.is_meta), None)
+        if meta is not None:
+            raise ValueError(f"{what}: model {i} has tensors on the meta device (e.g. {meta!r}), which hold no values")
+    ref_modules = [(n, type(m)) for n, m in models[0].named_modules()]
     for i, m in enumerate(models[1:], 1):
         def fail(detail: str):
             raise ValueError(f"{what}: model {i} does not match model 0: {detail}")
 
-        mods = list(m.named_modules())
-        for (n0, m0), (n1, m1) in zip(ref_modules, mods):
-            if n0 != n1:
-                fail(f"module {n1!r} where model 0 has {n0!r}")
-            if type(m0) is not type(m1):
-                fail(f"module {n0!r} is a {type(m1).__name__}, model 0's is a {type(m0).__name__}")
+        mods = [(n, type(x)) for n, x in m.named_modules()]
+        if mods != ref_modules:
+            for (n0, t0), (n1, t1) in zip(ref_modules, mods):
+                if n0 != n1:
+                    fail(f"a different architecture: module {n1!r} where model 0 has {n0!r} ({len(mods)} modules "
+                         f"vs {len(ref_modules)})")
+                if t0 is not t1:
+                    fail(f"a different architecture: module {n0!r} is a {t1.__name__}, model 0's is a {t0.__name__}")
+            extra = (mods if len(mods) > len(ref_modules) else ref_modules)[min(len(mods), len(ref_modules)):]
+            more = f", and {len(extra) - 1} more after it" if len(extra) > 1 else ""
+            fail(f"a different architecture: module {extra[0][0]!r} is in only one of them (a "
+                 f"{extra[0][1].__name__}{more}): model {i} has {len(mods)} modules, model 0 {len(ref_modules)}")
+        for (n0, m0), (_, m1) in zip(models[0].named_modules(), m.named_modules()):
             if isinstance(m0, Quantizer):
                 a, b = _quantizer_signature(m0), _quantizer_signature(m1)
                 for key in a:
                     if a[key] != b[key]:
                         fail(f"quantizer {n0!r} has {key}={b[key]!r}, model 0's has {key}={a[key]!r}")
-        if len(mods) != len(ref_modules):
-            extra = (mods if len(mods) > len(ref_modules) else ref_modules)[min(len(mods), len(ref_modules))][0]
-            fail(f"module {extra!r} is in only one of them ({len(mods)} modules vs {len(ref_modules)})")
-        sd = m.state_dict()
+        ref_sd, sd = models[0].state_dict(), m.state_dict()
         for key, v0 in ref_sd.items():
             if key not in sd:
                 fail(f"it has no tensor {key!r}")
@@ -448,6 +480,11 @@ def _check_source(source: nn.Module, model: nn.Module, method: str) -> dict:
             raise ValueError(f"merge: {method} needs the source's layer {name!r} (a Linear or Conv2d, float or "
                              f"quantized), found {type(sm).__name__ if sm is not None else 'nothing'}")
     sd = source.state_dict()
+    quantizers = {name for name, m in source.named_modules() if isinstance(m, Quantizer)}
+    extra = sorted(k for k in set(sd) - set(model.state_dict()) if k.rpartition(".")[0] not in quantizers)
+    if extra:
+        raise ValueError(f"merge: the source is not the models' architecture: it has tensors the models lack "
+                         f"{extra[:8]}")
     for name, layer in quant_layers(source):  # a quantized source contributes its dequantized weights
         sd[f"{name}.weight"] = (_bcast_step(layer.weight_quantizer.step_size().detach(), layer.weight)
                                 * layer.weight_integers().to(layer.weight.dtype))
@@ -479,7 +516,7 @@ def merge(models: Iterable[nn.Module], *, method: str = "hdrq", source: Optional
 
     The merged model carries ``hdrq_merge = {"config": ..., "layers": {name: {"ambiguous", "accepted"}}}``
     and, like a deep copy of ``models[0]``, its other attributes (e.g. ``hdrq_config``)."""
-    models = list(models)
+    models = _as_model_list(models)
     cfg = MergeConfig(method=method, weights=None if weights is None else tuple(weights), seed=seed,
                       candidates=candidates, lam=lam, k=k, tol=tol, rng=rng).validate(len(models))
     check_compatible(models)
@@ -575,6 +612,20 @@ def merge(models: Iterable[nn.Module], *, method: str = "hdrq", source: Optional
     merged.load_state_dict(new_sd)
     merged.hdrq_merge = {"config": asdict(cfg), "layers": stats}
     return merged
+
+
+def _as_model_list(models) -> list:
+    """``models`` (a list, tuple or other iterable of modules) as a list; a clear error for anything else."""
+    if isinstance(models, nn.Module):
+        raise TypeError(f"merge takes a list of models, got a single {type(models).__name__}: "
+                        f"hdrq.merge([model_a, model_b, ...])")
+    if isinstance(models, (str, bytes, Mapping)) or not isinstance(models, Iterable):
+        raise TypeError(f"merge takes a list of models (nn.Module), got {type(models).__name__}"
+                        + (": pass list(models.values())" if isinstance(models, Mapping) else ""))
+    models = list(models)
+    if len(models) < 2:
+        raise ValueError(f"merge: need at least 2 models, got {len(models)}")
+    return models
 
 
 def _progress(items: list, verbose: bool, desc: str):

@@ -3,10 +3,12 @@
 :class:`QLinear` and :class:`QConv2d` are what :func:`hdrq.convert` puts in place of the fake-quantized
 ``QuantLinear`` / ``QuantConv2d`` (or of float ``nn.Linear`` / ``nn.Conv2d``, by round-to-nearest). Each holds
 
-* ``qweight``: the integer weights in the layout ``hdrq.ops.pack_weight`` makes for the GEMM kernels (a conv
-  with groups keeps one such matrix per group in a byte buffer, each at a 16-byte aligned offset). That
-  layout belongs to the kernels and may change between hdrq versions, so it is never written to a file:
-  ``hdrq.save`` writes the canonical form (:meth:`canonical_tensors`) and ``hdrq.load`` packs again.
+* ``qweight``: the bytes of the integer weights in the layout ``hdrq.ops.pack_weight`` makes for the GEMM kernels
+  (a conv with groups keeps one such matrix per group in a byte buffer, each at a 16-byte aligned offset), and
+  ``packed_weights``: one ``hdrq.ops.PackedWeight`` per group over those bytes and the step sizes, the object
+  ``hdrq.ops.int_matmul`` takes. That layout belongs to the kernels and may change between hdrq versions, so it
+  is never written to a file: ``hdrq.save`` writes the canonical form (:meth:`canonical_tensors`) and
+  ``hdrq.load`` packs again.
   Weights of up to 6 bits are held 6-bit packed (a 4-bit integer is a valid int6 value), 7 and 8 bits as
   int8; ``w_bits`` keeps the true width. 6-bit packing takes four values per three bytes along K, so where
   K (in features per group) is not a multiple of 4, it is padded with zero weight columns, and each input
@@ -18,8 +20,9 @@
 The input is handled by ``act``:
 
 * ``"static"``: per-tensor with the calibrated step size, the fake-quant layer's arithmetic exactly
-  (``v = x * (1/s)`` in fp32, round half to even, clamp to the signed or unsigned ``a_bits`` grid), so the
-  integers equal the fake-quant layer's and the outputs differ only by fp32 summation order.
+  (``v = x * (1/s)`` in fp32, round half to even, clamp to the signed or unsigned ``a_bits`` grid; one kernel,
+  ``hdrq.ops.quantize_per_tensor``), so the integers equal the fake-quant layer's and the outputs differ only
+  by fp32 summation order.
 * ``"dynamic"``: symmetric per-token scales (``hdrq.ops.quantize_per_token``, grid ``[-qmax, qmax]`` of
   ``a_bits``) computed from each row at run time. This is not what the fake-quant layer computed; it needs no
   calibration data (float models converted by RTN use it). The grid is always signed, so non-negative
@@ -106,7 +109,7 @@ class _QLayer(nn.Module):
         self.act_shift = _UNSIGNED8_SHIFT if act == "static" and not a_signed and a_bits == 8 else 0
         device = torch.device("cpu") if device is None else torch.device(device)
         zeros = torch.zeros(out_features // groups, self.k_padded, dtype=torch.int8, device=device)
-        packed = ops.pack_weight(zeros, self.storage_bits)
+        packed = ops.pack_weight(zeros, self.storage_bits).data
         # One packed matrix per group. Several groups share one byte buffer with each group's slot rounded
         # up to 16 bytes, because the CUDA GEMM loads weights with 16-byte loads and needs them aligned.
         self._packed_shape, self._packed_dtype = tuple(packed.shape), packed.dtype
@@ -120,7 +123,7 @@ class _QLayer(nn.Module):
         # by set_integers and after load_state_dict.
         self.register_buffer("_epilogue_bias", None, persistent=False)
         self.register_load_state_dict_post_hook(_refresh_after_load)
-        self._refresh_epilogue()
+        self._refresh()
 
     # -- integer weights ---------------------------------------------------------------------------------
     def _join(self, packed: list[Tensor]) -> Tensor:
@@ -139,9 +142,7 @@ class _QLayer(nn.Module):
 
     def integer_weight(self) -> Tensor:
         """The integer weights (int8) shaped like the float weight, unpacked from ``qweight``."""
-        n_g = self._out // self.groups
-        rows = [ops.unpack_weight(self._group_weight(g), self.storage_bits, n_g, self.k_padded)[:, :self.k]
-                for g in range(self.groups)]
+        rows = [ops.unpack_weight(w)[:, :self.k] for w in self.packed_weights]
         return torch.cat(rows, 0).reshape(self._weight_shape)
 
     def dequantized_weight(self) -> Tensor:
@@ -193,7 +194,7 @@ class _QLayer(nn.Module):
         if self.k_padded != k:
             q8 = F.pad(q8, (0, self.k_padded - k))
         n_g = out // self.groups
-        packed = [ops.pack_weight(q8[g * n_g:(g + 1) * n_g].contiguous(), self.storage_bits)
+        packed = [ops.pack_weight(q8[g * n_g:(g + 1) * n_g].contiguous(), self.storage_bits).data
                   for g in range(self.groups)]
         self.qweight = packed[0] if self.groups == 1 else self._join(packed)
         self.weight_scale = scale.to(dev).clone()
@@ -201,8 +202,22 @@ class _QLayer(nn.Module):
             self.bias = bias.detach().to(device=dev, dtype=torch.float32).clone()
         if act_scale is not None:
             self.act_scale = act_scale.to(dev).clone()
-        self._refresh_epilogue()
+        self._refresh()
         return self
+
+    def _refresh(self, epilogue: bool = True) -> None:
+        """Rebuild what derives from the buffers: the PackedWeight of each group (over the buffers themselves, so
+        that torch.compile sees module buffers) and (``epilogue``) the GEMM's bias: bias + the unsigned 8-bit
+        correction."""
+        n_g = self._out // self.groups
+        self.packed_weights = tuple(
+            ops.PackedWeight(self._group_weight(g), self.storage_bits, (n_g, self.k_padded),
+                             self.weight_scale if self.groups == 1 else self.weight_scale[g * n_g:(g + 1) * n_g])
+            for g in range(self.groups))
+        if epilogue:
+            self._refresh_epilogue()
+        self._act_scale = self.act_scale  # plain attributes: no nn.Module.__getattr__ per call
+        self._gemm_bias = self._epilogue_bias if self._epilogue_bias is not None else self.bias
 
     def _refresh_epilogue(self) -> None:
         if not self.act_shift:
@@ -237,12 +252,11 @@ class _QLayer(nn.Module):
         return a_q, a_scale
 
     def _gemm(self, a_q: Tensor, a_scale: Tensor, g: int, out_dtype: torch.dtype) -> Tensor:
-        n_g = self._out // self.groups
-        rows = slice(g * n_g, (g + 1) * n_g)
-        bias = self._epilogue_bias if self._epilogue_bias is not None else self.bias
-        return ops.int_matmul(a_q, a_scale, self._group_weight(g), self.weight_scale[rows],
-                              w_bits=self.storage_bits, bias=None if bias is None else bias[rows],
-                              out_dtype=out_dtype)
+        bias = self._gemm_bias
+        if bias is not None and self.groups > 1:
+            n_g = self._out // self.groups
+            bias = bias[g * n_g:(g + 1) * n_g]
+        return ops.int_matmul(a_q, a_scale, self.packed_weights[g], bias=bias, out_dtype=out_dtype)
 
     # -- device moves keep the fp32 scales ---------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -253,6 +267,7 @@ class _QLayer(nn.Module):
                 continue
             moved = fn(buf)
             self._buffers[name] = buf.to(moved.device) if moved.dtype != buf.dtype else moved
+        self._refresh(epilogue=False)
         return self
 
     # -- description -------------------------------------------------------------------------------------
@@ -311,7 +326,7 @@ class _QLayer(nn.Module):
 
 def _refresh_after_load(module: _QLayer, incompatible_keys) -> None:
     # A module-level function (not a lambda) so that layers stay picklable.
-    module._refresh_epilogue()
+    module._refresh()
 
 
 def _check_scales(name: str, s: Tensor) -> None:
@@ -481,10 +496,17 @@ class QLinear(_QLayer):
         if rows.shape[0] == 0:
             return x.new_empty((*lead, self.out_features))
         if self.act == "static":
-            rows = self._static_values(rows)
-        a_q, a_scale = self._int8_rows(rows)
-        y = self._gemm(a_q, a_scale, 0, _kernel_dtype(x.dtype))
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+            a_scale = self._act_scale
+            a_q = ops.quantize_per_tensor(rows, a_scale, bits=self.a_bits, signed=self.a_signed,
+                                          zero_point=-self.act_shift)
+        else:
+            a_q, a_scale = ops.quantize_per_token(rows if rows.dtype in _KERNEL_OUT_DTYPES else rows.float(),
+                                                  bits=self.a_bits)
+        if self.k_padded != self.k:
+            a_q = F.pad(a_q, (0, self.k_padded - self.k))
+        y = ops.int_matmul(a_q, a_scale, self.packed_weights[0], bias=self._gemm_bias,
+                           out_dtype=_kernel_dtype(x.dtype)).reshape(*lead, self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()

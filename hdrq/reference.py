@@ -318,16 +318,31 @@ def qdrop_fake_quant_backward(grad: Tensor, x: Tensor, scale: Tensor, bits: int,
 
 def quantize_per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Symmetric dynamic quantization of each row of ``x [M, K]``: ``scale = absmax / qmax`` (fp32),
-    ``q = clamp(round(x * (1/scale)), -qmax, qmax)`` as int8; a row of zeros gets scale 0 and q = 0."""
+    ``q = clamp(round(x * (1/scale)), -qmax, qmax)`` as int8; a row of zeros gets scale 0 and q = 0, a row holding
+    a NaN or an infinity gets scale NaN and q = 0."""
     qmax = (1 << (bits - 1)) - 1
     xf = x.to(torch.float32)
-    amax = xf.abs().amax(dim=-1)
+    amax = xf.abs().amax(dim=-1)  # NaN if the row holds one
     # A tensor divisor, not the Python int: torch's CUDA division by a scalar multiplies by its reciprocal,
     # which is not the IEEE quotient the CPU and the kernels compute.
     scale = amax / torch.full_like(amax, qmax)
+    finite = torch.isfinite(scale)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = torch.clamp(torch.round(xf * inv.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
-    return q, scale
+    q = torch.clamp(torch.round(xf * inv.unsqueeze(-1)), -qmax, qmax)
+    q = torch.where(finite.unsqueeze(-1), q, torch.zeros_like(q))
+    return q.to(torch.int8), scale
+
+
+def quantize_per_tensor(x: Tensor, scale: Tensor, bits: int, signed: bool, zero_point: int) -> Tensor:
+    """Static quantization with one step size: ``clamp(round(x * (1/s)), qmin, qmax) + zero_point`` as int8, in
+    fp32 (fp64 for fp64 x) with the reciprocal first, as :func:`fake_quant`. NaN becomes ``zero_point``."""
+    qmin, qmax = qrange(bits, signed)
+    cdt = compute_dtype(x)
+    v = torch.round(x.to(cdt) * (1.0 / scale.to(cdt).reshape(())))
+    q = torch.where(v < qmin, qmin, torch.where(v > qmax, qmax, v))
+    q = torch.where(torch.isnan(q), torch.zeros_like(q), q)
+    return (q + zero_point).to(torch.int8)
 
 
 def pack_int6(q: Tensor) -> Tensor:
@@ -380,7 +395,9 @@ def _canonical_bytes(q: Tensor, bits: int) -> Tensor:
     return pack_int6(q).reshape(-1)
 
 
-def _from_canonical_bytes(b: Tensor, bits: int, rows: int, cols: int) -> Tensor:
+def from_canonical_bytes(b: Tensor, bits: int, rows: int, cols: int) -> Tensor:
+    """Int8 ``[rows, cols]`` from row-major canonical bytes (raw int8, or ``pack_int6`` for 6 bits): the tail
+    regions of the :func:`pack_weight` layout."""
     if bits == 8:
         return b.view(torch.int8).reshape(rows, cols)
     return unpack_int6(b.reshape(rows, 3 * cols // 4), (rows, cols))
@@ -456,9 +473,9 @@ def unpack_weight(w: Tensor, bits: int, n: int, k: int) -> Tensor:
         # [u, p, h, j, g, t, b] -> [p, h, g, u, j, t, b]
         q[:rows_f, :cols_f] = planes.reshape(kuf, npf, 2, 2, 8, 4, 4).permute(1, 2, 4, 0, 3, 5, 6).reshape(
             rows_f, cols_f)
-    q[:rows_f, cols_f:] = _from_canonical_bytes(flat[geo["tail_start"]: geo["rest_start"]], bits, rows_f,
+    q[:rows_f, cols_f:] = from_canonical_bytes(flat[geo["tail_start"]: geo["rest_start"]], bits, rows_f,
                                                 k - cols_f)
-    q[rows_f:, :] = _from_canonical_bytes(flat[geo["rest_start"]:], bits, n - rows_f, k)
+    q[rows_f:, :] = from_canonical_bytes(flat[geo["rest_start"]:], bits, n - rows_f, k)
     return q
 
 
@@ -481,6 +498,6 @@ def int_matmul(a_q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, w_bits:
     return out.to(out_dtype)
 
 
-def int_matmul_int32(a_q: Tensor, w: Tensor, w_bits: int) -> Tensor:
-    """The int32 accumulator of ``int_matmul``: ``a_q @ unpack_weight(w)^T`` exactly (N = w.shape[0])."""
-    return int_matmul_acc(a_q, unpack_weight(w, w_bits, w.shape[0], a_q.shape[1]))
+def int_matmul_int32(a_q: Tensor, w: Tensor, w_bits: int, n: int) -> Tensor:
+    """The int32 accumulator of ``int_matmul``: ``a_q @ unpack_weight(w)^T`` exactly."""
+    return int_matmul_acc(a_q, unpack_weight(w, w_bits, n, a_q.shape[1]))

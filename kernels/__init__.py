@@ -1,25 +1,12 @@
-"""Triton kernels of hdrq, installed as ``hdrq.kernels``. Importing this module registers them as the
-"triton" implementations of the ``hdrq.ops`` custom ops. Nothing above ``hdrq.ops`` imports it.
+"""Triton kernels of hdrq, installed as ``hdrq.kernels``. ``hdrq.ops`` registers their wrappers as the CUDA
+kernels of its ops (and, for tests, as the CPU kernels under the Triton interpreter); nothing above
+``hdrq.ops`` imports this package.
 
   quantizer.py   fake_quant, noise_fake_quant (uniform / histogram noise), qdrop_fake_quant: forward and
-                 backward, in-kernel Philox noise; uniform_noise (the noise source, for tests)
-  per_token.py   quantize_per_token (deploy-side activation quantization)
-  runtime.py     output allocation, dtype checks, launch options shared by the kernels
+                 backward, in-kernel Philox noise; uniform_noise (the noise source)
+  per_token.py   quantize_per_token (dynamic activation quantization)
+  per_tensor.py  quantize_per_tensor (static activation quantization)
+  gemm.py        int_matmul / int_matmul_int32: the int8 GEMM with the epilogue fused; the weight-layout
+                 passes (6 -> 8 bit expansion, row-major) and torch._int_mm with the epilogue
+  runtime.py     output allocation, dtypes, launch options shared by the kernels
 """
-from hdrq.ops import register_impl
-
-from . import per_token, quantizer
-
-_IMPLS = {
-    "fake_quant": quantizer.fake_quant,
-    "fake_quant_backward": quantizer.fake_quant_backward,
-    "noise_fake_quant": quantizer.noise_fake_quant,
-    "noise_fake_quant_backward": quantizer.noise_fake_quant_backward,
-    "qdrop_fake_quant": quantizer.qdrop_fake_quant,
-    "qdrop_fake_quant_backward": quantizer.qdrop_fake_quant_backward,
-    "uniform_noise": quantizer.uniform_noise,
-    "quantize_per_token": per_token.quantize_per_token,
-}
-
-for _op, _fn in _IMPLS.items():
-    register_impl(_op, "triton", _fn)

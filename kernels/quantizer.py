@@ -3,7 +3,9 @@ noise, drawn in-kernel with Philox), the QDrop activation quantizer, and their b
 
 What each kernel computes is defined by ``hdrq.reference`` (same names, same arguments); the outputs are
 bit-identical to it (fp32 math, one rounding to the output dtype, see "Exactness" below). Nothing above
-``hdrq.ops`` calls this module; ``hdrq/kernels/__init__.py`` registers the wrappers at the bottom.
+``hdrq.ops`` calls this module; ``hdrq.ops`` registers the wrappers at the bottom as the ops' CUDA kernels (and,
+for tests, their CPU kernels under the Triton interpreter). Inputs the kernels do not take (float64) run the
+reference.
 
 Layout
 ------
@@ -519,9 +521,10 @@ def _qrange(bits: int, signed: bool) -> tuple[float, float]:
     return float(qmin), float(qmax)
 
 
-def _prepare(name: str, x: torch.Tensor, scale: torch.Tensor):
-    runtime.check_dtype(name, "x", x)
-    runtime.check_dtype(name, "scale", scale, runtime.KERNEL_DTYPES + (torch.float64,))
+_SCALE_DTYPES = runtime.KERNEL_DTYPES + (torch.float64,)
+
+
+def _prepare(x: torch.Tensor, scale: torch.Tensor):
     return x.contiguous(), scale.reshape(-1).contiguous()
 
 
@@ -537,8 +540,7 @@ def _histogram(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool, lp
 def rounding_error_histogram(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool,
                              axis: Optional[int]) -> torch.Tensor:
     """Triton version of ``hdrq.reference.rounding_error_histogram`` (int64 [C, 256]), for tests."""
-    name = "rounding_error_histogram"
-    xc, sc = _prepare(name, x, scale)
+    xc, sc = _prepare(x, scale)
     lp = plan(tuple(x.shape), axis, x.element_size())
     if x.numel() == 0:
         return torch.zeros(lp.channels, HIST_BINS, dtype=torch.int64, device=x.device)
@@ -550,8 +552,8 @@ def _max_block(noise: int) -> int:
     return min(MAX_BLOCK, HIST_MAX_BLOCK) if noise == HISTOGRAM else MAX_BLOCK
 
 
-def _forward(name, x, scale, bits, signed, axis, seed, noise, qdrop, p):
-    xc, sc = _prepare(name, x, scale)
+def _forward(x, scale, bits, signed, axis, seed, noise, qdrop, p):
+    xc, sc = _prepare(x, scale)
     y = runtime.alloc(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return y
@@ -566,11 +568,10 @@ def _forward(name, x, scale, bits, signed, axis, seed, noise, qdrop, p):
     return y
 
 
-def _backward(name, grad, x, scale, bits, signed, axis, seed, noise, qdrop, p):
-    xc, sc = _prepare(name, x, scale)
-    runtime.check_dtype(name, "grad", grad, runtime.KERNEL_DTYPES + (torch.float64,))
+def _backward(grad, x, scale, bits, signed, axis, seed, noise, qdrop, p):
     if grad.shape != x.shape:
-        raise ValueError(f"{name}: grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+        raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+    xc, sc = _prepare(x, scale)
     gc = grad.contiguous()
     dx = runtime.alloc(x.shape, x.dtype, x.device)
     ds = runtime.alloc(scale.shape, scale.dtype, scale.device)
@@ -597,31 +598,45 @@ def _backward(name, grad, x, scale, bits, signed, axis, seed, noise, qdrop, p):
 # ---- the implementations registered with hdrq.ops (same arguments as hdrq.reference) -------------
 
 
+def _takes(x, scale, grad=None) -> bool:
+    return runtime.takes(x) and runtime.takes(scale, dtypes=_SCALE_DTYPES) and (
+        grad is None or runtime.takes(grad, dtypes=_SCALE_DTYPES))
+
+
 def fake_quant(x, scale, bits, signed, axis):
-    return _forward("fake_quant", x, scale, bits, signed, axis, 0, HARD, False, 0.0)
+    if not _takes(x, scale):
+        return ref.fake_quant(x, scale, bits, signed, axis)
+    return _forward(x, scale, bits, signed, axis, 0, HARD, False, 0.0)
 
 
 def fake_quant_backward(grad, x, scale, bits, signed, axis):
-    return _backward("fake_quant_backward", grad, x, scale, bits, signed, axis, 0, HARD, False, 0.0)
+    if not _takes(x, scale, grad):
+        return ref.fake_quant_backward(grad, x, scale, bits, signed, axis)
+    return _backward(grad, x, scale, bits, signed, axis, 0, HARD, False, 0.0)
 
 
 def noise_fake_quant(x, scale, bits, signed, axis, seed, mode):
-    return _forward("noise_fake_quant", x, scale, bits, signed, axis, seed, _NOISE_MODES[mode], False, 0.0)
+    if not _takes(x, scale):
+        return ref.noise_fake_quant(x, scale, bits, signed, axis, seed, mode)
+    return _forward(x, scale, bits, signed, axis, seed, _NOISE_MODES[mode], False, 0.0)
 
 
 def noise_fake_quant_backward(grad, x, scale, bits, signed, axis, seed, mode):
-    return _backward("noise_fake_quant_backward", grad, x, scale, bits, signed, axis, seed, _NOISE_MODES[mode],
-                     False, 0.0)
+    if not _takes(x, scale, grad):
+        return ref.noise_fake_quant_backward(grad, x, scale, bits, signed, axis, seed, mode)
+    return _backward(grad, x, scale, bits, signed, axis, seed, _NOISE_MODES[mode], False, 0.0)
 
 
 def qdrop_fake_quant(x, scale, bits, signed, axis, seed, p, noise, mode):
-    return _forward("qdrop_fake_quant", x, scale, bits, signed, axis, seed,
-                    _NOISE_MODES[mode] if noise else HARD, True, p)
+    if not _takes(x, scale):
+        return ref.qdrop_fake_quant(x, scale, bits, signed, axis, seed, p, noise, mode)
+    return _forward(x, scale, bits, signed, axis, seed, _NOISE_MODES[mode] if noise else HARD, True, p)
 
 
 def qdrop_fake_quant_backward(grad, x, scale, bits, signed, axis, seed, p, noise, mode):
-    return _backward("qdrop_fake_quant_backward", grad, x, scale, bits, signed, axis, seed,
-                     _NOISE_MODES[mode] if noise else HARD, True, p)
+    if not _takes(x, scale, grad):
+        return ref.qdrop_fake_quant_backward(grad, x, scale, bits, signed, axis, seed, p, noise, mode)
+    return _backward(grad, x, scale, bits, signed, axis, seed, _NOISE_MODES[mode] if noise else HARD, True, p)
 
 
 def uniform_noise(shape, seed, device):

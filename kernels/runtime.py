@@ -1,4 +1,4 @@
-"""Launch plumbing shared by the Triton kernels: output allocation, dtype checks, device guard, launch options.
+"""Launch plumbing shared by the Triton kernels: output allocation, dtypes, device guard, launch options.
 
 Every output and workspace of a kernel wrapper is allocated through :func:`alloc`, looked up on this module
 at call time, so a test can swap it for one that fills buffers with NaN / sentinel values and so catch
@@ -8,8 +8,6 @@ import contextlib
 import os
 
 import torch
-
-from hdrq.ops import Unsupported
 
 # FMA contraction would turn `x + s*u` into fma(s, u, x): one rounding instead of the reference's two, so
 # outputs would differ from hdrq.reference in the last bit. Every launch passes these options.
@@ -23,10 +21,9 @@ def alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def check_dtype(name: str, what: str, t: torch.Tensor, allowed=KERNEL_DTYPES) -> None:
-    """Raise :class:`Unsupported` (the seam then runs the reference) for dtypes the kernels do not take."""
-    if t.dtype not in allowed:
-        raise Unsupported(f"the Triton {name} takes {what} in {[str(d) for d in allowed]}, got {t.dtype}")
+def takes(*tensors: torch.Tensor, dtypes=KERNEL_DTYPES) -> bool:
+    """Whether the kernels take these dtypes; the wrappers run the reference for the others (float64)."""
+    return all(t.dtype in dtypes for t in tensors)
 
 
 def device_guard(t: torch.Tensor):

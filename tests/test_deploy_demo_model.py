@@ -1,11 +1,12 @@
-"""Issue 9's end-to-end claim on the demo's model: a merged W6A6 SmallResNet, converted to real int6 layers,
-keeps the accuracy of its fake-quant version (within 0.5 points) on every target, on CPU and on the GPU."""
+"""The benchmark's model end to end through deployment: a merged W6A6 SmallResNet (examples.mtda), converted to
+real int6 layers, keeps the accuracy of its fake-quant version (within 0.5 points) on every target, on CPU and
+on the GPU."""
 import pytest
 import torch
 
 import hdrq
-from hdrq.data import make_digits_domains
-from hdrq.demo import SmallResNet, evaluate, train_source
+from examples.mtda.model import SmallResNet, evaluate, train_source
+from examples.mtda.synthetic import make_digits_domains
 
 
 def _merged_w6a6(device):

@@ -35,6 +35,9 @@ def calls():
     """name -> a function calling hdrq.kernels wrappers (CPU tensors; every launch only compiles)."""
     import torch
 
+    from hdrq import reference as ref
+    from hdrq.kernels import gemm as kg
+    from hdrq.kernels import per_tensor as kpt2
     from hdrq.kernels import per_token as kpt
     from hdrq.kernels import quantizer as kq
 
@@ -55,6 +58,15 @@ def calls():
                                                  "uniform")
         return run
 
+    def gemm(m, n, k, bits, config):
+        def run():
+            q = torch.randint(-32, 32, (n, k), dtype=torch.int8)
+            w = ref.pack_weight(q, bits)
+            a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+            s_a, s_w = torch.rand(m) + 0.1, torch.rand(n) + 0.1
+            kg.int_matmul(a, s_a, w, s_w, bits, torch.randn(n).bfloat16(), torch.bfloat16, config)
+        return run
+
     return {
         "weight-fp32": quant((4096, 4096), 0, torch.float32, ("hard", "uniform", "qdrop_noise")),
         "weight-bf16": quant((4096, 4096), 0, torch.bfloat16, ("hard", "uniform", "qdrop_noise")),
@@ -67,6 +79,12 @@ def calls():
         "per-token": lambda: kpt.quantize_per_token(torch.randn(64, 4096, dtype=torch.bfloat16), 8),
         "per-token-two-pass": lambda: kpt.quantize_per_token(torch.randn(3, 20000), 6),
         "uniform-noise": lambda: kq.uniform_noise([3, 5000], 2**40, "cpu"),
+        "per-tensor": lambda: kpt2.quantize_per_tensor(torch.randn(64, 4096, dtype=torch.bfloat16),
+                                                       torch.tensor([0.05]), 8, False, -128),
+        # the Triton GEMM: a large-M tile (wgmma), a split-K decode tile (mma.sync, then the epilogue kernel), and
+        # 6-bit weights (the expansion pass first); ragged N and K reach the edge loop
+        "gemm-large": gemm(256, 1040, 1056, 8, kg.CANDIDATES[0]),
+        "gemm-decode-w6": gemm(1, 1024, 2048, 6, kg.CANDIDATES[7]),
     }
 
 
@@ -79,12 +97,13 @@ def compile_launches(fn_call) -> list:
     from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
 
-    from hdrq.kernels import per_token, quantizer
+    from hdrq.kernels import gemm, per_tensor, per_token, quantizer
 
     target = GPUTarget("cuda", *SM90)
     backend = CUDABackend(target)
     out = []
-    kernels = [k for m in (quantizer, per_token) for k in vars(m).values() if isinstance(k, triton.JITFunction)
+    kernels = [k for m in (quantizer, per_token, per_tensor, gemm) for k in vars(m).values()
+               if isinstance(k, triton.JITFunction)
                and k.fn.__name__.endswith("_kernel")]
 
     def fake_run(fn):
@@ -172,7 +191,8 @@ def test_every_launch_compiles_without_fma_or_ftz(asm):
     assert set(asm) == set(calls()) | {"idx64"}
     kernels = {k["kernel"] for launches in asm.values() for k in launches}
     assert kernels == {"_fwd_kernel", "_bwd_kernel", "_sum_partials_kernel", "_hist_kernel", "_uniform_kernel",
-                       "_per_token_kernel"}
+                       "_per_token_kernel", "_per_tensor_kernel", "_gemm_kernel", "_epilogue_kernel",
+                       "_unpack_units_kernel"}
     for name, launches in asm.items():
         assert launches, name
         for k in launches:
@@ -219,6 +239,26 @@ def test_per_token_vectorised(asm):
     for name in ("per-token", "per-token-two-pass"):
         for k in asm[name]:
             assert "ld.global.v4.b32" in accesses(k["ptx"]), name
+
+
+def test_gemm_uses_the_tensor_cores_and_wide_loads(asm):
+    """The large tile runs on Hopper's wgmma (s8 x s8 -> s32), the decode tile on mma.sync; operand tiles come in by
+    16-byte asynchronous copies; the epilogue has no FMA (checked above for every launch)."""
+    large = next(k for k in asm["gemm-large"] if k["kernel"] == "_gemm_kernel")
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", large["ptx"])
+    decode = next(k for k in asm["gemm-decode-w6"] if k["kernel"] == "_gemm_kernel")
+    # (.satfinite only matters past int32, which int8 products summed over K < 2**17 never reach)
+    assert re.search(r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32", decode["ptx"])
+    for k in (large, decode):
+        assert re.search(r"cp\.async\.(cg|ca)\.shared\.global(\.L2::\w+)?\s+\[[^]]+\], \[[^]]+\], (16|0x10)\b",
+                         k["ptx"]) or "cp.async.bulk.tensor" in k["ptx"], k["signature"]
+    kernels = {k["kernel"] for k in asm["gemm-decode-w6"]}
+    assert {"_unpack_units_kernel", "_gemm_kernel", "_epilogue_kernel"} <= kernels  # expansion, split-K epilogue
+
+
+def test_per_tensor_vectorised(asm):
+    k = asm["per-tensor"][0]
+    assert "ld.global.v4.b32" in accesses(k["ptx"]) and "div.rn.f32" in k["ptx"]
 
 
 def test_seeds_are_never_specialised(asm):

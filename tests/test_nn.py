@@ -77,7 +77,8 @@ def test_qlinear_static_equals_fake_quant(k, n, m, w_bits, a_bits, a_signed, bia
     assert torch.equal(q.dequantized_weight(), fq.quantized_weight())
     # the integers of the input are the fake-quant layer's, exactly
     s = fq.act_quantizer.step_size()
-    assert torch.equal(q._static_values(x) * s, fq.act_quantizer(x))
+    a_q = ops.quantize_per_tensor(x, q.act_scale, bits=a_bits, signed=a_signed, zero_point=-q.act_shift)
+    assert torch.equal((a_q.float() + q.act_shift) * s, fq.act_quantizer(x))
     y = q(x)
     assert y.dtype == x.dtype and y.shape == (m, n)
     torch.testing.assert_close(y, fq(x), **tol(fq.act_quantizer(x), fq.quantized_weight(), fq.bias))
@@ -318,7 +319,22 @@ def test_grouped_weights_are_16_byte_aligned():
     # 3 groups of [2, 36] 6-bit weights: 54 bytes each, so the slots are rounded up to 64 bytes
     q = QConv2d.from_float(nn.Conv2d(12, 6, 3, groups=3), 6, 6)
     assert q.qweight.dtype == torch.uint8 and q.qweight.numel() == 3 * 64
-    for g in range(3):
-        w = q._group_weight(g)
+    for g, packed in enumerate(q.packed_weights):
+        w = packed.data
         assert w.is_contiguous() and (w.data_ptr() - q.qweight.data_ptr()) % 16 == 0
-        assert w.shape == ops.pack_weight(torch.zeros(2, 36, dtype=torch.int8), 6).shape
+        assert (packed.bits, packed.shape) == (6, (2, 36)) and w.shape == (2, 27)
+        assert torch.equal(packed.scale, q.weight_scale[2 * g: 2 * g + 2])
+
+
+@pytest.mark.parametrize("act_scale", [None, 0.05])
+@pytest.mark.parametrize("bits", [6, 8])
+def test_qlinear_compiles_without_graph_breaks(bits, act_scale):
+    """The deploy layer under torch.compile(fullgraph=True): its ops trace through their fakes, the PackedWeight is
+    read off the module, and the result is the eager one."""
+    torch.manual_seed(0)
+    q = QLinear.from_float(nn.Linear(36, 40), bits, bits, act_scale=act_scale)
+    x = torch.randn(3, 5, 36)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), q(x))

@@ -29,10 +29,12 @@ def rand_weight(n, k, bits, gen=None):
                                  (33, 100), (64, 4096), (5, 128), (40, 300), (130, 132)])
 def test_pack_unpack_round_trip(bits, n, k):
     q = rand_weight(n, k, bits)
-    w = ops.pack_weight(q, bits)
+    packed = ops.pack_weight(q, bits)
+    assert (packed.bits, packed.shape, packed.layout) == (bits, (n, k), ops.WEIGHT_LAYOUT)
+    w = packed.data
     assert w.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert w.shape == ((n, k) if bits == 8 else (n, 3 * k // 4))
-    assert torch.equal(ops.unpack_weight(w, bits, n, k), q)
+    assert torch.equal(ops.unpack_weight(packed), q)
     # a permutation of the canonical bytes (8-bit) / of the canonical values (6-bit)
     if bits == 8:
         assert torch.equal(w.reshape(-1).sort().values, q.reshape(-1).sort().values)
@@ -45,7 +47,7 @@ def test_pack_weight_odd_k(bits):
             ops.pack_weight(torch.zeros(16, 33, dtype=torch.int8), 6)
         return
     q = rand_weight(19, 77, 8)
-    assert torch.equal(ops.unpack_weight(ops.pack_weight(q, 8), 8, 19, 77), q)
+    assert torch.equal(ops.unpack_weight(ops.pack_weight(q, 8)), q)
 
 
 def test_pack_weight_errors():
@@ -59,9 +61,9 @@ def test_pack_weight_errors():
 
 def test_small_matrices_keep_canonical_order():
     q = rand_weight(15, 64, 6)
-    assert torch.equal(ops.pack_weight(q, 6), ops.pack_int6(q))
+    assert torch.equal(ops.pack_weight(q, 6).data, ops.pack_int6(q))
     q = rand_weight(40, 31, 8)
-    assert torch.equal(ops.pack_weight(q, 8), q)
+    assert torch.equal(ops.pack_weight(q, 8).data, q)
 
 
 @pytest.mark.parametrize("bits", [6, 8])
@@ -69,7 +71,7 @@ def test_unit_bytes_match_the_documented_formula(bits):
     """Every byte of region 1, located with the docstring's formula, element by element."""
     n, k = 34, 68  # 2 full panels, 2 full units, a K tail of 4 and an N tail of 2
     q = rand_weight(n, k, bits)
-    w = ops.pack_weight(q, bits).reshape(-1).view(torch.uint8)
+    w = ops.pack_weight(q, bits).data.reshape(-1).view(torch.uint8)
     geo = ref.gemm_layout_geometry(bits, n, k)
     ub = geo["unit_bytes"]
     code = (q.to(torch.int32) & 0x3F)
@@ -130,7 +132,7 @@ def emulate(config, bits, m, n, k, splits, *, lda=None, a_base=0, scales=False, 
     lda = lda or k
     q = rand_weight(n, k, bits, gen)
     a = torch.randint(*a_vals, (m, k), dtype=torch.int8, generator=gen)
-    w = ops.pack_weight(q, bits)
+    w = ref.pack_weight(q, bits)
     buf = np.zeros(a_base + m * lda + 64, dtype=np.int8)  # stands for a 16-byte aligned allocation
     for i in range(m):
         buf[a_base + i * lda: a_base + i * lda + k] = a[i].numpy()
@@ -207,7 +209,7 @@ def test_emulation_detects_a_wrong_layout(monkeypatch):
     """The emulated kernel fails when the weights are not in the layout it expects (the test can fail)."""
     got, expect = emulate(0, 8, 3, 32, 64, 1)
     assert np.array_equal(got, expect)
-    monkeypatch.setattr(ops, "pack_weight", lambda q, bits: q.contiguous())  # canonical order instead
+    monkeypatch.setattr(ref, "pack_weight", lambda q, bits: q.contiguous())  # canonical order instead
     got, expect = emulate(0, 8, 3, 32, 64, 1)
     assert not np.array_equal(got, expect)
 
@@ -240,13 +242,9 @@ _GLUE_SCRIPT = r'''
 import sys, types, re, pathlib, torch
 sys.path.insert(0, {tests!r})
 import gemm_emulator as E
-# Stand-in for the extension: the hdrq_C schemas, gemm_info from the CUDA sources' own tile constants.
+from hdrq import ops
+# Stand-in for the extension: gemm_info from the CUDA sources' own tile constants (the schemas are hdrq.ops').
 sys.modules["hdrq._C"] = types.ModuleType("hdrq._C")
-lib = torch.library.Library("hdrq_C", "DEF")
-lib.define("int_gemm(Tensor(a!) out, Tensor a_q, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, "
-           "Tensor(b!) counters, Tensor(c!) partials, int w_bits, int path, int config, int splits) -> ()")
-lib.define("gemm_info(int path, int config, int w_bits) -> int[]")
-lib.define("expand_w6(Tensor(a!) w8, Tensor w6, int n, int k) -> ()")
 COUNTERS = 1 << int(re.search(r"kSplitKCounters = 1 << (\d+);", (E.CSRC / "gemm.h").read_text()).group(1))
 WIDE, NARROW = (int(x) for x in re.search(r"kBN = kWide \? (\d+) : (\d+);",
                                             (E.CSRC / "gemm_wgmma.cu").read_text()).groups())
@@ -260,64 +258,75 @@ def gemm_info(path, config, w_bits):
         return [128, WIDE if config in (2, 4) else NARROW, 128, 384, 0, COUNTERS]
     t = E.traits(config, w_bits)
     return [t.BM, t.BN, t.BK, t.threads, t.STAGES * t.stage_bytes, COUNTERS]
+lib = torch.library.Library("hdrq", "IMPL")
 lib.impl("gemm_info", gemm_info, "CompositeExplicitAutograd")
 import hdrq._cuda as c
-from hdrq import ops
+assert c.EXTENSION_ERROR is None
 c._device_info = lambda index: (90, 132)
 dev = torch.device("cuda", 0)
 out = {{}}
 for m, n, k, bits in [(1, 4096, 4096, 6), (1, 14336, 4096, 8), (16, 4096, 4096, 6), (16, 4096, 14336, 8),
-                      (33, 4096, 4096, 8), (64, 4096, 4096, 6), (64, 4096, 14336, 8), (65, 4096, 4096, 8),
-                      (256, 4096, 4096, 6), (2048, 4096, 4096, 8), (8192, 14336, 4096, 6), (1, 8, 4, 6)]:
-    p = c.plan(m, n, k, bits, dev)
+                      (33, 4096, 4096, 8), (64, 4096, 4096, 6), (64, 4096, 14336, 8), (1, 8, 4, 6)]:
+    p = c.plan(m, n, k, bits, dev, "decode")
     out[(m, n, k, bits)] = (p.path, p.bm, p.bn, p.splits)
+for m in (65, 2048):
+    p = c.plan(m, 4096, 4096, 8, dev, "mma")
+    out[("mma", m)] = (p.path, p.bm, p.bn, p.splits)
 for m, n, k in [(2048, 4096, 4096), (2048, 4104, 4096), (2048, 4096, 4100)]:
     for path in ("wgmma", "wgmma_pp", "wgmma256", "wgmma_mc"):
         try:
             p = c.plan(m, n, k, 8, dev, path)
             out[(path, m, n, k)] = (p.path, p.config, p.bn)
-        except ops.Unsupported as e:
+        except c.CannotRun as e:
             out[(path, m, n, k)] = "unsupported"
 for m, n, k in [(64, 4096, 4096), (1, 4096, 14336), (64, 14336, 4096), (1, 3072, 4096)]:
     p = c.plan(m, n, k, 8, dev, "wgmma_decode")
     out[("wgmma_decode", m, n, k)] = (p.path, p.config, p.bm, p.bn, p.splits)
 try:
     c.plan_for_config(64, 4104, 2080, 8, "wgmma_decode", 2, dev)
-except ops.Unsupported:
+except c.CannotRun:
     out["wgmma_decode-override-N"] = "unsupported"
 p = c.plan_for_config(64, 4096, 2080, 6, "wgmma_decode", 5, dev)
 out["wgmma_decode-override"] = (p.path, p.config, p.splits, p.bm)
 p = c.plan(2048, 4096, 4096, 6, dev, "wgmma_mc")
 out["wgmma_mc-6bit"] = (p.path, p.config, p.bn, p.expand)
-import os, dataclasses
-os.environ["HDRQ_W6_EXPAND"] = "1"
-out["x8-forced"] = [(p.path, p.expand) for p in (c.plan(2048, 4096, 4096, b, dev, "wgmma_pp") for b in (6, 8))]
-os.environ["HDRQ_W6_EXPAND"] = "0"
+out["x8"] = [(p.path, p.expand) for p in (c.plan(2048, 4096, 4096, b, dev, "wgmma_pp", expand=True) for b in (6, 8))]
 out["x8-off"] = c.plan(2048, 4096, 4096, 6, dev, "wgmma").expand
-del os.environ["HDRQ_W6_EXPAND"]
-c.DISPATCH = dataclasses.replace(c.DISPATCH, w6_expand_min_m=1024)
-out["x8-min-m"] = [c.plan(m, 4096, 4096, 6, dev, "wgmma").expand for m in (512, 1024)]
 c._device_info = lambda index: (80, 108)
 try:
     c.plan(4096, 4096, 4096, 8, dev, "wgmma")
-except ops.Unsupported:
+except c.CannotRun:
     out["a100-wgmma"] = "unsupported"
-out["a100-auto"] = c.plan(4096, 4096, 4096, 8, dev).path
-assert ops._IMPLS["cuda"]["int_matmul"] is c.int_matmul and ops._IMPLS["cuda"]["int_matmul_int32"] is c.int_matmul_int32
+# routing: the shipped H100 table by the device's name, the generic rules elsewhere, HDRQ_GEMM_PATH over both
+import os
+torch.cuda.current_device = lambda: 0
+torch.cuda.get_device_name = lambda index=None: "NVIDIA H100 80GB HBM3"
+r = {{(m, b): c.route(m, 4096, 4096, b, 0) for m in (1, 64, 65, 1024, 2048) for b in (6, 8)}}
+out["h100"] = {{key: (v.path, v.config.bm if v.config else None) for key, v in r.items()}}
+out["h100-source"] = c.routing_table(0).meta["measured_on_device"]
+c.set_routing_table(None, 0)
+torch.cuda.get_device_name = lambda index=None: "Some Other GPU"
+out["generic"] = {{m: c.route(m, 4096, 4096, 8, 0).path for m in (1, 64, 65)}}
+os.environ["HDRQ_GEMM_PATH"] = "int_mm"
+out["forced"] = c.route(1, 4096, 4096, 8, 0).path
+os.environ["HDRQ_GEMM_PATH"] = "triton"
+out["forced-triton"] = c.route(1, 4096, 4096, 8, 0).config.bm
+del os.environ["HDRQ_GEMM_PATH"]
+out["registered"] = torch._C._dispatch_has_kernel_for_dispatch_key("hdrq::int_matmul", "CompositeExplicitAutograd")
 print(repr(out))
 '''
 
 
 def test_cuda_glue_plans_on_cpu():
-    """hdrq/_cuda.py imports and plans (paths, tiles, split-K) with a stand-in for the compiled extension."""
+    """hdrq/_cuda.py imports, plans (paths, tiles, split-K) and routes with a stand-in for the compiled
+    extension."""
     import ast
     import os
     import subprocess
     import sys
 
     script = _GLUE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ("HDRQ_GEMM_PATH", "HDRQ_WGMMA_MIN_M")}
-    env["HDRQ_WGMMA_MIN_M"] = "0"  # auto never picks wgmma here: its first-use check needs a real GPU
+    env = {k: v for k, v in os.environ.items() if k not in ("HDRQ_GEMM_PATH", "HDRQ_GEMM_TABLE", "HDRQ_W6_EXPAND")}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = ast.literal_eval(r.stdout.strip().splitlines()[-1])
@@ -328,9 +337,8 @@ def test_cuda_glue_plans_on_cpu():
     assert out[(16, 4096, 4096, 6)][:3] == ("decode", 16, 64) and 1 < out[(16, 4096, 4096, 6)][3] <= 5
     assert out[(33, 4096, 4096, 8)][:3] == ("decode", 64, 64)
     assert out[(64, 4096, 4096, 6)][:3] == ("decode", 64, 64)
-    assert out[(65, 4096, 4096, 8)][0] == "mma" and out[(256, 4096, 4096, 6)][0] == "mma"
-    assert out[(2048, 4096, 4096, 8)] == ("mma", 128, 128, 1)       # wgmma off (HDRQ_WGMMA_MIN_M=0)
     assert out[(1, 8, 4, 6)] == ("decode", 16, 64, 1)
+    assert out[("mma", 65)][:3] == ("mma", 64, 128) and out[("mma", 2048)] == ("mma", 128, 128, 1)
     assert out[("wgmma", 2048, 4096, 4096)] == ("wgmma", 0, 128)          # WgmmaConfig: cooperative
     assert out[("wgmma_pp", 2048, 4096, 4096)] == ("wgmma_pp", 1, 128)    # ping-pong
     assert out[("wgmma256", 2048, 4096, 4096)] == ("wgmma256", 2, 256)    # cooperative, 128 x 256
@@ -339,7 +347,7 @@ def test_cuda_glue_plans_on_cpu():
     for path in ("wgmma", "wgmma_pp", "wgmma256", "wgmma_mc"):
         assert out[(path, 2048, 4104, 4096)] == "unsupported"       # N % 16
         assert out[(path, 2048, 4096, 4100)] == "unsupported"       # K % 32
-    assert out["a100-wgmma"] == "unsupported" and out["a100-auto"] == "mma"
+    assert out["a100-wgmma"] == "unsupported"
     # wgmma decode: 64 x 128 tiles, split-K to ~2 items per SM (132 SMs), capped by the partial traffic
     assert out[("wgmma_decode", 64, 4096, 4096)] == ("wgmma_decode", 3, 64, 128, 8)    # 32 tiles x 8 = 256
     assert out[("wgmma_decode", 1, 4096, 14336)] == ("wgmma_decode", 3, 64, 128, 8)    # 9 > partial buffer
@@ -348,9 +356,17 @@ def test_cuda_glue_plans_on_cpu():
     assert out["wgmma_decode-override-N"] == "unsupported"                               # N % 16
     # 32 k-tiles: the target 10 splits would be 4 k-tiles each with two splits all padding -> 8 splits of 4
     assert out[("wgmma_decode", 1, 3072, 4096)] == ("wgmma_decode", 3, 64, 128, 8)
-    # 6-bit expansion: forced on (8-bit weights never expand), forced off, and by GemmDispatch.w6_expand_min_m
-    assert out["x8-forced"] == [("wgmma_pp", True), ("wgmma_pp", False)]
-    assert out["x8-off"] is False and out["x8-min-m"] == [False, True]
+    # 6-bit expansion on a wgmma path: as asked (8-bit weights never expand)
+    assert out["x8"] == [("wgmma_pp", True), ("wgmma_pp", False)] and out["x8-off"] is False
+    # the shipped H100 table: decode up to M = 64; then Triton (8-bit), mma then Triton (6-bit); marked unmeasured
+    h = out["h100"]
+    assert h[(1, 8)][0] == h[(64, 8)][0] == h[(1, 6)][0] == h[(64, 6)][0] == "decode"
+    assert h[(65, 8)] == h[(2048, 8)] == ("triton", 128) and h[(2048, 6)] == ("triton", 128)
+    assert h[(65, 6)][0] == h[(1024, 6)][0] == "mma"
+    assert out["h100-source"] is False
+    assert out["generic"] == {1: "decode", 64: "decode", 65: "triton"}
+    assert out["forced"] == "int_mm" and out["forced-triton"] == 16
+    assert out["registered"]
 
 
 # ------------------------------------------------------------------------------------------------ 6 -> 8 expansion
@@ -381,8 +397,8 @@ def test_expand_w6_emulated_equals_8bit_layout(n, k):
     sar2x4 = _sar2x4_from_source()
     gen = torch.Generator().manual_seed(n + k)
     q = torch.randint(-32, 32, (n, k), dtype=torch.int8, generator=gen)
-    w6 = ops.pack_weight(q, 6).reshape(-1).view(torch.uint8).numpy()
-    want = ops.pack_weight(q, 8).reshape(-1).view(torch.uint8).numpy()
+    w6 = ops.pack_weight(q, 6).data.reshape(-1).view(torch.uint8).numpy()
+    want = ops.pack_weight(q, 8).data.reshape(-1).view(torch.uint8).numpy()
     w8 = np.full(n * k, 0x5A, dtype=np.uint8)
     units = (n // 16) * (k // 32)
     for i in range(units * 8):

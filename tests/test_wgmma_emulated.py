@@ -16,7 +16,7 @@ def problem(m, n, k, bits, seed=0):
     lim = 128 if bits == 8 else 32
     q = torch.randint(-lim, lim, (n, k), dtype=torch.int8, generator=gen)
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
-    w = ops.pack_weight(q, bits).reshape(-1).view(torch.uint8).numpy()
+    w = ops.pack_weight(q, bits).data.reshape(-1).view(torch.uint8).numpy()
     return W.Problem(a.numpy(), w, m, n, k, bits), ref.int_matmul_acc(a, q).numpy()
 
 
@@ -82,8 +82,8 @@ def test_6bit_expansion_equals_the_8bit_layout_of_4w():
     """What the 6-bit producer writes into a B stage is byte for byte what the 8-bit path copies for 4*w."""
     n, k = 256, 256
     q = torch.randint(-32, 32, (n, k), dtype=torch.int8)
-    w6 = ops.pack_weight(q, 6).reshape(-1).view(torch.uint8).numpy()
-    w8 = ops.pack_weight((4 * q.to(torch.int32)).to(torch.int8), 8).reshape(-1).view(torch.uint8).numpy()
+    w6 = ops.pack_weight(q, 6).data.reshape(-1).view(torch.uint8).numpy()
+    w8 = ops.pack_weight((4 * q.to(torch.int32)).to(torch.int8), 8).data.reshape(-1).view(torch.uint8).numpy()
     for n0, kt in [(0, 0), (128, 1)]:
         s6 = np.zeros(W.B_STAGE, dtype=np.uint8)
         s8 = np.zeros(W.B_STAGE, dtype=np.uint8)

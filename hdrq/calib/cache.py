@@ -31,6 +31,8 @@ import copy
 import enum
 import functools
 import types
+import warnings
+from collections.abc import Mapping
 from typing import Any, Iterable, Optional
 
 import torch
@@ -38,6 +40,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ..reference import mix_seed
+from .config import MAX_CALIB_SAMPLES, check_device
 
 # Share of the device's free memory the caches of one block may take before they go to the CPU.
 DEVICE_CACHE_FRACTION = 0.5
@@ -48,31 +51,45 @@ DEVICE_CACHE_FRACTION = 0.5
 # --------------------------------------------------------------------------------------------------
 
 
-def collect_calib_data(calib_data: Any) -> Tensor:
+def collect_calib_data(calib_data: Any, *, max_samples: Optional[int] = MAX_CALIB_SAMPLES) -> Tensor:
     """One CPU tensor ``[N, ...]`` from a tensor (a batch), a list/tuple of batches, or an iterable such as
     a DataLoader yielding batches or ``(input, label, ...)`` tuples (the input is taken). Floating inputs
-    become float32; integer inputs (token ids) keep their dtype."""
+    become float32; integer inputs (token ids) keep their dtype.
+
+    At most ``max_samples`` samples are taken (the first ones, with a warning naming the cap when there were
+    more), so an endless iterable ends; None takes everything. Refused, naming the item: a batch without a
+    batch dimension (a scalar, or a 1-D tensor, which would be read as samples of one feature), tensors
+    without values ("meta") or in a sparse layout, complex tensors, NaN or infinite values, mappings (hdrq
+    calls ``model(x)`` with one tensor) and anything that is not a tensor."""
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
     if isinstance(calib_data, Tensor):
         items: Iterable = [calib_data]
-    elif isinstance(calib_data, (list, tuple)):
-        items = calib_data
-    elif hasattr(calib_data, "__iter__"):
-        items = calib_data
-    else:
+    elif isinstance(calib_data, Mapping):
+        raise TypeError(f"calib_data is a {type(calib_data).__name__}; hdrq calls model(x) with one input "
+                        f"tensor: pass that tensor (e.g. calib_data[{next(iter(calib_data), 'key')!r}]) or a list "
+                        f"of such batches")
+    elif isinstance(calib_data, (str, bytes)) or not hasattr(calib_data, "__iter__"):
         raise TypeError(f"calib_data must be a tensor, a list of tensors or a DataLoader, got "
                         f"{type(calib_data).__name__}")
-    batches = []
+    else:
+        items = calib_data
+    name = (lambda i: "calib_data") if isinstance(calib_data, Tensor) else (lambda i: f"calib_data item {i}")
+    batches, total, more = [], 0, False
     for i, item in enumerate(items):
-        if isinstance(item, (list, tuple)):
-            if not item:
-                raise ValueError(f"calib_data item {i} is an empty {type(item).__name__}")
-            item = item[0]  # (input, label): keep the input
-        if not isinstance(item, Tensor):
-            raise TypeError(f"calib_data item {i} must be a tensor or an (input, label) tuple, got "
-                            f"{type(item).__name__}")
-        if item.dim() == 0:
-            raise ValueError(f"calib_data item {i} must be a batch with a leading batch dimension, got a scalar")
-        batches.append(item.detach().cpu())
+        if max_samples is not None and total >= max_samples:
+            more = True
+            break
+        batches.append(_calib_batch(item, name(i)))
+        total += batches[-1].shape[0]
+    if max_samples is not None and total > max_samples:
+        batches[-1] = batches[-1][:batches[-1].shape[0] - (total - max_samples)]
+        more = True
+    if more:
+        warnings.warn(f"calib_data: took the first {max_samples} calibration samples (max_calib_samples) and left "
+                      f"the rest; raise QuantConfig.max_calib_samples (None: no cap) to use more", UserWarning,
+                      stacklevel=3)
     if not batches or sum(b.shape[0] for b in batches) == 0:
         raise ValueError("calib_data is empty: quantization needs at least one calibration sample")
     shapes = {tuple(b.shape[1:]) for b in batches}
@@ -81,6 +98,36 @@ def collect_calib_data(calib_data: Any) -> Tensor:
                          f"{sorted(shapes)}")
     data = torch.cat(batches) if len(batches) > 1 else batches[0]
     return data.float() if data.is_floating_point() else data
+
+
+def _calib_batch(item: Any, where: str) -> Tensor:
+    """One calibration batch as a CPU tensor ``[n, ...]``, checked (see :func:`collect_calib_data`)."""
+    if isinstance(item, (list, tuple)):
+        if not item:
+            raise ValueError(f"{where} is an empty {type(item).__name__}")
+        item = item[0]  # (input, label): keep the input
+    if isinstance(item, Mapping):
+        raise TypeError(f"{where} is a {type(item).__name__} (keys {list(item)[:4]}); hdrq calls model(x) with one "
+                        f"input tensor: yield that tensor (or an (input, label) tuple)")
+    if not isinstance(item, Tensor):
+        raise TypeError(f"{where} must be a tensor or an (input, label) tuple, got {type(item).__name__}")
+    if item.is_meta:
+        raise ValueError(f"{where} is a tensor on the meta device, which holds no values")
+    if item.layout != torch.strided:
+        raise TypeError(f"{where} is a {item.layout} tensor; pass a dense one (x.to_dense())")
+    if item.is_complex():
+        raise TypeError(f"{where} is a complex tensor ({item.dtype}); calibration data must be real")
+    if item.dim() < 2:
+        got = "a scalar" if item.dim() == 0 else f"shape {tuple(item.shape)}"
+        raise ValueError(f"{where} must be a batch [N, ...] with a leading batch dimension, got {got}: for one "
+                         f"sample pass x.unsqueeze(0), for a list of single samples torch.stack(samples)")
+    item = item.detach().cpu()
+    if item.is_floating_point():
+        bad = int((~torch.isfinite(item)).sum())
+        if bad:
+            raise ValueError(f"{where} has {bad} NaN or infinite values (of {item.numel()}); calibration data "
+                             f"must be finite")
+    return item
 
 
 def iter_chunks(data: Tensor, batch_size: int, device: torch.device, *,
@@ -141,8 +188,10 @@ def _snapshot(tree: Any) -> Any:
 @torch.no_grad()
 def canonical_device(device: torch.device) -> torch.device:
     """``device`` with its index: "cuda" and "cuda:0" name one device but compare unequal, and tensors always
-    report an index, so the cache (which decides what to copy by comparing devices) needs the indexed form."""
-    device = torch.device(device)
+    report an index, so the cache (which decides what to copy by comparing devices) needs the indexed form.
+    A device this machine does not have, or "meta", raises ``ValueError`` (:func:`check_device`)."""
+    device = check_device(device, what="hdrq.quantize: the calibration device (QuantConfig.device, else the "
+                                       "model's)")
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
@@ -225,7 +274,7 @@ def pick_storage(device: torch.device, cache_device: Optional[str], n: int):
     ``DEVICE_CACHE_FRACTION`` of its free memory, else the CPU."""
     def decide(bytes_per_sample: int) -> torch.device:
         if cache_device is not None:
-            return torch.device(cache_device)
+            return check_device(cache_device, what="QuantConfig.cache_device")
         if device.type != "cuda":
             return device
         free, _ = torch.cuda.mem_get_info(device)

@@ -25,8 +25,11 @@ iteration and per-tensor weight step sizes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import torch
 
 METHODS = ("rtn", "brecq", "qdrop", "hdrq")
 GRANULARITIES = ("tensor", "channel")
@@ -34,6 +37,8 @@ ACT_GRANULARITIES = ("tensor", "token")
 NOISE_MODES = ("uniform", "histogram")
 ACT_PLACEMENTS = ("output", "input")
 CONFIG_VERSION = 1
+# Default cap on the calibration samples taken from ``calib_data`` (an endless iterable stops there).
+MAX_CALIB_SAMPLES = 4096
 
 # Per-method values of the fields that default to None.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -111,9 +116,14 @@ class QuantConfig:
         blocks: module names to reconstruct as blocks (overrides the automatic detection; layers outside
             them become single-layer blocks).
         seed: seeds batch sampling, drop masks and the per-layer quantizer noise streams.
-        device: where calibration runs (None: the model's device).
+        device: where calibration runs (None: the model's device). Checked when the config is made (a
+            device string torch knows, not "meta") and again when ``hdrq.quantize`` starts (present on this
+            machine), so a config written on a GPU machine can still be read on one without.
         cache_device: where cached block inputs/targets live: None (the device when they fit in half its
             free memory, else CPU, streamed per batch), or an explicit device such as "cpu".
+        max_calib_samples: at most this many calibration samples are taken from ``calib_data`` (the
+            first ones; a warning says when there were more); None takes them all, which never ends on an
+            endless iterable.
         verbose: progress bars (tqdm) for every pass of :func:`hdrq.quantize`: the observation pass, each
             block's caching passes and its reconstruction (showing the loss); False silences them all.
     """
@@ -144,6 +154,7 @@ class QuantConfig:
     seed: int = 0
     device: Optional[str] = None
     cache_device: Optional[str] = None
+    max_calib_samples: Optional[int] = MAX_CALIB_SAMPLES
     verbose: bool = True
     version: int = CONFIG_VERSION
 
@@ -173,8 +184,17 @@ class QuantConfig:
         for name, value in {**COMMON_DEFAULTS, **PRESETS[self.method]}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if isinstance(self.blocks, str):
+            raise TypeError(f"QuantConfig: blocks must be a list of module names, got the string {self.blocks!r} "
+                            f"(write blocks=[{self.blocks!r}])")
+        if self.blocks is not None and not isinstance(self.blocks, (list, tuple)):
+            raise TypeError(f"QuantConfig: blocks must be a list of module names or None, got {self.blocks!r}")
         if self.blocks is not None:
             self.blocks = list(self.blocks)
+        if not isinstance(self.round_beta, (tuple, list)) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.round_beta):
+            raise ValueError(f"QuantConfig: round_beta must be two positive numbers (start, end), "
+                             f"got {self.round_beta!r}")
         self.round_beta = tuple(float(b) for b in self.round_beta)
         self.validate()
 
@@ -200,8 +220,8 @@ class QuantConfig:
         if self.act_placement not in ACT_PLACEMENTS:
             raise ValueError(f"QuantConfig: act_placement must be one of {ACT_PLACEMENTS}, got {self.act_placement!r}")
         if isinstance(self.act_loss_p, bool) or not isinstance(self.act_loss_p, (int, float)) \
-                or not self.act_loss_p > 0:
-            raise ValueError(f"QuantConfig: act_loss_p must be a number > 0, got {self.act_loss_p!r}")
+                or not 0 < self.act_loss_p < math.inf:
+            raise ValueError(f"QuantConfig: act_loss_p must be a finite number > 0, got {self.act_loss_p!r}")
         if self.noise_mode not in NOISE_MODES:
             raise ValueError(f"QuantConfig: noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
         for name in ("iters", "act_iters", "seed"):
@@ -219,7 +239,8 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"QuantConfig: {name} must be in [0, 1], got {v!r}")
-        if not self.observer_p > 0:
+        if isinstance(self.observer_p, bool) or not isinstance(self.observer_p, (int, float)) \
+                or not 0 < self.observer_p < math.inf:
             raise ValueError(f"QuantConfig: observer_p must be > 0, got {self.observer_p!r}")
         if len(self.round_beta) != 2 or not all(b > 0 for b in self.round_beta):
             raise ValueError(f"QuantConfig: round_beta must be two positive numbers (start, end), "
@@ -232,10 +253,62 @@ class QuantConfig:
                              f"lambda_dist={self.lambda_dist} with method {self.method!r}")
         if self.blocks is not None and not all(isinstance(b, str) and b for b in self.blocks):
             raise ValueError(f"QuantConfig: blocks must be a list of non-empty module names, got {self.blocks!r}")
+        for name in ("w_lr", "a_lr", "lambda_dist", "round_reg_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"QuantConfig: {name} must be finite, got {getattr(self, name)!r}")
+        if not isinstance(self.verbose, bool):
+            raise TypeError(f"QuantConfig: verbose must be True or False, got {self.verbose!r}")
+        m = self.max_calib_samples
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"QuantConfig: max_calib_samples must be a positive int or None, got {m!r}")
+        for name in ("device", "cache_device"):
+            if getattr(self, name) is not None:
+                setattr(self, name, str(check_device(getattr(self, name), what=f"QuantConfig: {name}",
+                                                     available=False)))
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (what ``model.hdrq_config`` holds); ``QuantConfig(**d)`` rebuilds it."""
         return dataclasses.asdict(self)
+
+
+def check_device(device: Union[str, torch.device], *, what: str = "device",
+                 available: bool = True) -> torch.device:
+    """``device`` (a string such as ``"cuda:1"``, or a ``torch.device``) as a ``torch.device``, checked.
+
+    Raises ``TypeError`` for anything else and ``ValueError`` (the message starts with ``what``) for a
+    string torch does not parse or ``"meta"`` (no values to calibrate on or load into); with ``available``,
+    also for a device this machine does not have: a backend torch was not built with or cannot reach (CUDA
+    on a CPU-only build or without a visible GPU), or an index beyond the devices present."""
+    if isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"{what} must name a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r} "
+                             f"({e})") from None
+    elif isinstance(device, torch.device):
+        dev = device
+    else:
+        raise TypeError(f"{what} must be a device string such as 'cuda:0' or a torch.device, got "
+                        f"{type(device).__name__} {device!r}")
+    if dev.type == "meta":
+        raise ValueError(f"{what} is 'meta', which holds no values; use a real device such as 'cpu' or 'cuda'")
+    if not available or dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available):
+        raise ValueError(f"{what} is {str(dev)!r}, a device type this torch cannot use here")
+    if not is_available():
+        why = ""
+        if dev.type == "cuda":
+            why = (f": this torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None
+                   else ": torch.cuda.is_available() is False (no GPU visible, or no driver)")
+        raise ValueError(f"{what} is {str(dev)!r} but {dev.type} is not available on this machine{why}; use "
+                         f"'cpu' (or leave the device unset to use the model's)")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"{what} is {str(dev)!r} but this machine has {count()} {dev.type} device(s)")
+    return dev
 
 
 def _bits(name: str, v) -> None:

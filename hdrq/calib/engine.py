@@ -90,13 +90,13 @@ def quantize(model: nn.Module, calib_data: Any, config: Optional[QuantConfig] = 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     device = _device(cfg, model)
-    data = collect_calib_data(calib_data)
+    data = collect_calib_data(calib_data, max_samples=cfg.max_calib_samples)
 
     fp = prepare_float(model, device)
     layers = quantizable_layers(fp)
+    report_unquantizable(fp)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantizable layers (nn.Conv2d / nn.Linear)")
-    report_unquantizable(fp)
     tied = tied_weights(fp, layers)
     source_weights = _source_weights(cfg, source, layers)
     plan = find_blocks(fp, cfg.blocks)

@@ -1,0 +1,1 @@
+"""Applications built on hdrq (not part of the installed package)."""
