@@ -79,7 +79,8 @@ def unquantizable_layers(model: nn.Module) -> dict[str, str]:
     """The layers of ``model`` that hold a weight matrix or kernel (a parameter named ``*weight*`` of two or more
     dimensions) but are not a quantizable ``nn.Linear`` / ``nn.Conv2d``: ``{name: why it stays float}``, in
     registration order. A weight shared with a quantizable layer (an embedding tied to the output layer) is
-    named too: it holds that layer's quantized values."""
+    named too: it holds that layer's quantized values. Norm layers (1-D weights) and parameters such as position
+    embeddings or class tokens (not named weights) are not layers hdrq would quantize, and are not listed."""
     owners = {id(m.weight): name for name, m in quantizable_layers(model).items()}
     found = {}
     for name, m in model.named_modules():
@@ -98,43 +99,6 @@ def unquantizable_layers(model: nn.Module) -> dict[str, str]:
         if tied:
             why += f"; its weight is tied to {tied[0]!r}, so it holds that layer's quantized weight"
         found[name] = why
-    return found
-
-
-def report_unquantizable(model: nn.Module, *, what: str = "hdrq.quantize") -> dict[str, str]:
-    """One ``UserWarning`` listing :func:`unquantizable_layers` of ``model`` (none when there are none);
-    returns them."""
-    found = unquantizable_layers(model)
-    if found:
-        listed = "; ".join(f"{name or '<root>'!r} ({why})" for name, why in list(found.items())[:12])
-        more = f"; and {len(found) - 12} more" if len(found) > 12 else ""
-        warnings.warn(f"{what}: {len(found)} layer(s) with weights stay float: {listed}{more}", UserWarning,
-                      stacklevel=3)
-    return found
-
-
-# Why a layer type that holds a weight matrix stays float, by class name (so that optional libraries such as
-# transformers need not be imported); any other such type gets the generic reason. A type that becomes
-# quantizable (joins QUANTIZABLE) drops out of the report by itself.
-_FLOAT_REASONS = {
-    "Embedding": "an embedding table is a lookup, not a matmul",
-    "EmbeddingBag": "an embedding table is a lookup, not a matmul",
-    "Conv1D": "transformers' Conv1D (a Linear with a transposed weight) is not quantized yet",
-}
-
-
-def unquantizable_layers(model: nn.Module) -> dict[str, str]:
-    """The layers of ``model`` that hold a weight matrix or kernel (a parameter whose name contains "weight",
-    of two or more dimensions) but are not a quantizable ``nn.Linear`` / ``nn.Conv2d``: ``{name: why it
-    stays float}``, in registration order. Norm layers (1-D weights) and parameters such as position
-    embeddings or class tokens (not named weights) are not layers hdrq would quantize, and are not listed."""
-    found = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QUANTIZABLE) or not any("weight" in pn and p.dim() >= 2
-                                                 for pn, p in m.named_parameters(recurse=False)):
-            continue
-        cls = type(m).__name__
-        found[name] = f"{cls}: {_FLOAT_REASONS.get(cls, 'only nn.Linear and nn.Conv2d layers are quantized')}"
     return found
 
 
