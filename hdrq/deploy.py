@@ -46,7 +46,7 @@ from .calib.blocks import report_unquantizable
 from .calib.config import check_device
 from .nn import ACT_MODES, OBSERVERS, OFF_ACT_MODES, ActQuant, QConv2d, QLAYERS, QLinear, qlayers
 from .quant.boundary import attach_block_quantizer, is_boundary_quantizer
-from .quant.layers import QuantConv2d, QuantLinear, is_transposed_linear, set_module
+from .quant.layers import QuantConv2d, QuantLinear, is_transposed_linear, linear_from_transposed, set_module
 from .quant.quantizer import Quantizer
 
 __all__ = ["ConvertConfig", "convert", "save", "load", "FORMAT", "FORMAT_VERSION"]
@@ -112,6 +112,8 @@ def _convert_one(m: nn.Module, cfg: ConvertConfig, name: str = "") -> Optional[n
         return QConv2d.from_quant(m, act=cfg.act, off_act=cfg.off_act)
     if cfg.w_bits is not None and type(m) is nn.Linear:
         return QLinear.from_float(m, cfg.w_bits, cfg.a_bits, observer=cfg.observer)
+    if cfg.w_bits is not None and is_transposed_linear(m):  # transformers' Conv1D
+        return QLinear.from_float(linear_from_transposed(m), cfg.w_bits, cfg.a_bits, observer=cfg.observer)
     if cfg.w_bits is not None and type(m) is nn.Conv2d:
         return QConv2d.from_float(m, cfg.w_bits, cfg.a_bits, observer=cfg.observer)
     return None
@@ -147,7 +149,8 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None, *, verbose
     targets = [(name, m) for name, m in out.named_modules(remove_duplicate=False)
                if name not in cfg.skip and (isinstance(m, (QuantLinear, QuantConv2d))
                                             or (isinstance(m, Quantizer) and is_boundary_quantizer(name))
-                                            or (cfg.w_bits is not None and type(m) in (nn.Linear, nn.Conv2d)))]
+                                            or (cfg.w_bits is not None and (type(m) in (nn.Linear, nn.Conv2d)
+                                                                            or is_transposed_linear(m))))]
     if not targets:
         raise ValueError("convert: the model has no QuantLinear / QuantConv2d to convert (pass w_bits and a_bits "
                          "to convert a float model's nn.Linear / nn.Conv2d by round-to-nearest)")

@@ -36,6 +36,7 @@ import torch.fx
 from torch import nn
 
 from ..quant.attention import DecomposedMultiheadAttention
+from ..quant.layers import is_transposed_linear
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 BLOCK_KINDS = ("transformer", "residual", "explicit", "layer")
@@ -84,8 +85,8 @@ def unquantizable_layers(model: nn.Module) -> dict[str, str]:
     owners = {id(m.weight): name for name, m in quantizable_layers(model).items()}
     found = {}
     for name, m in model.named_modules():
-        if isinstance(m, QUANTIZABLE) and _computes_as_base(m):
-            continue
+        if (isinstance(m, QUANTIZABLE) and _computes_as_base(m)) or is_transposed_linear(m):
+            continue  # quantized (a transposed linear as the nn.Linear it is)
         weights = [p for pn, p in m.named_parameters(recurse=False) if "weight" in pn and p.dim() >= 2]
         if not weights:
             continue
