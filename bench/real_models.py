@@ -459,10 +459,16 @@ def _f(v, nd=4):
 def markdown(results: dict) -> str:
     """The markdown tables of a results file (one per model)."""
     rows = results["rows"]
-    shown = {k: v for k, v in results["args"].items() if k not in ("out", "md", "report", "verbose", "cache")}
+    relevant = {"minilm": ("max_tokens", "smooth"), "smollm2": ("genres", "seq", "calib_seqs", "eval_seqs",
+                                                                 "merge_methods", "smooth"),
+                "efficientnet": ("images", "crops", "severity")}
+    models = results["args"].get("models", "").split(",")
+    keep = {"models", "methods", "bits", "iters", "batch"} | {k for m in models for k in relevant.get(m, ())}
+    shown = {k: v for k, v in results["args"].items() if k in keep}
     walls = ", ".join(f"{k} {v / 60:.0f} min" for k, v in results.get("wall_s", {}).items())
     out = [f"Measured by `bench/real_models.py` on {results['device']} ({results['threads']} threads, shared), "
-           f"torch {results['torch']}; wall time {walls or 'n/a'}; arguments `{json.dumps(shown)}`.", ""]
+           f"torch {results['torch']}; wall time {walls or 'not recorded (run stopped early)'}; arguments "
+           f"`{json.dumps(shown)}`.", ""]
     mini = [r for r in rows if r["model"].startswith("all-MiniLM")]
     if mini:
         out += ["### all-MiniLM-L6-v2 (test split: 160 sentences not used for calibration or for choosing settings)",
