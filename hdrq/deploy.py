@@ -22,11 +22,11 @@ Rebuilding: a model made only of known modules (``nn.Sequential`` of layers, act
 is rebuilt from the file alone (``load(path)``). Any other model (a custom ``nn.Module`` class, whose code a
 file cannot carry without pickle) is loaded into a skeleton: ``load(path, model=MyNet())``, where the
 skeleton is the float architecture (or its fake-quant or converted form); hdrq checks it against the file
-module by module, puts the integer layers in place of the ``nn.Linear`` / ``nn.Conv2d`` (or ``QuantLinear``
-...) at their paths and ``nn.Identity`` where BatchNorm was folded, and loads the other tensors. All checks
-run before the skeleton is touched. Truncated, corrupted (checksum), foreign, wrong-version or mismatched
-files raise ``ValueError`` naming what differs; a missing file ``FileNotFoundError`` and a folder
-``IsADirectoryError``. Loaded models are returned in eval mode.
+module by module, puts the integer layers in place of the ``nn.Linear`` / ``nn.Conv2d`` (transformers'
+``Conv1D`` too, or ``QuantLinear`` ...) at their paths and ``nn.Identity`` where BatchNorm was folded, and loads
+the other tensors. All checks run before the skeleton is touched. Truncated, corrupted (checksum), foreign,
+wrong-version or mismatched files raise ``ValueError`` naming what differs; a missing file ``FileNotFoundError``
+and a folder ``IsADirectoryError``. Loaded models are returned in eval mode.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from .calib.blocks import report_unquantizable
 from .calib.config import check_device
 from .nn import OBSERVERS, OFF_ACT_MODES, ActQuant, QConv2d, QLAYERS, QLinear, qlayers
 from .quant.boundary import attach_block_quantizer, is_boundary_quantizer
-from .quant.layers import QuantConv2d, QuantLinear, set_module
+from .quant.layers import QuantConv2d, QuantLinear, is_transposed_linear, linear_from_transposed, set_module
 from .quant.quantizer import Quantizer
 
 __all__ = ["ConvertConfig", "convert", "save", "load", "FORMAT", "FORMAT_VERSION"]
@@ -112,6 +112,8 @@ def _convert_one(m: nn.Module, cfg: ConvertConfig, name: str = "") -> Optional[n
         return QConv2d.from_quant(m, act=cfg.act, off_act=cfg.off_act)
     if cfg.w_bits is not None and type(m) is nn.Linear:
         return QLinear.from_float(m, cfg.w_bits, cfg.a_bits, observer=cfg.observer)
+    if cfg.w_bits is not None and is_transposed_linear(m):  # transformers' Conv1D
+        return QLinear.from_float(linear_from_transposed(m), cfg.w_bits, cfg.a_bits, observer=cfg.observer)
     if cfg.w_bits is not None and type(m) is nn.Conv2d:
         return QConv2d.from_float(m, cfg.w_bits, cfg.a_bits, observer=cfg.observer)
     return None
@@ -147,7 +149,8 @@ def convert(model: nn.Module, config: Optional[ConvertConfig] = None, *, verbose
     targets = [(name, m) for name, m in out.named_modules(remove_duplicate=False)
                if name not in cfg.skip and (isinstance(m, (QuantLinear, QuantConv2d))
                                             or (isinstance(m, Quantizer) and is_boundary_quantizer(name))
-                                            or (cfg.w_bits is not None and type(m) in (nn.Linear, nn.Conv2d)))]
+                                            or (cfg.w_bits is not None and (type(m) in (nn.Linear, nn.Conv2d)
+                                                                            or is_transposed_linear(m))))]
     if not targets:
         raise ValueError("convert: the model has no QuantLinear / QuantConv2d to convert (pass w_bits and a_bits "
                          "to convert a float model's nn.Linear / nn.Conv2d by round-to-nearest)")
@@ -364,6 +367,10 @@ def _module_device(m: nn.Module) -> torch.device:
 
 def _geometry_matches(skel: nn.Module, spec: dict) -> Optional[str]:
     """None if the skeleton layer has the shapes of the file's integer layer, else what differs."""
+    if is_transposed_linear(skel):  # transformers' Conv1D: a Linear that calls its sizes nx, nf
+        diff = [f"{k}: file {spec.get(k)}, model {v}" for k, v in (("in_features", skel.nx), ("out_features", skel.nf))
+                if spec.get(k) != v]
+        return "; ".join(diff) or None
     if isinstance(skel, (nn.Linear, QuantLinear, QLinear)):
         keys = ("in_features", "out_features")
     else:
@@ -429,7 +436,7 @@ def _plan_skeleton(model: nn.Module, modules: list[dict]) -> tuple[dict[str, typ
         where = f"module {p!r}" if p else "the root module"
         if p in qbuild:
             ok = _REPLACEABLE[qbuild[p]]
-            if not isinstance(m, ok):
+            if not isinstance(m, ok) and not (qbuild[p] is QLinear and is_transposed_linear(m)):
                 raise ValueError(f"hdrq.load: {where} is a {qbuild[p].__name__} in the file but a "
                                  f"{type(m).__name__} in the model (expected one of {[c.__name__ for c in ok]})")
             diff = _geometry_matches(m, e["spec"])

@@ -580,6 +580,21 @@ def merge(models: Iterable[nn.Module], *, method: str = "hdrq", source: Optional
             step = _bcast_step(res.step.to(torch.float32), res.integers)
             put(f"{name}.weight", step * res.integers.to(torch.float32))
         stats[name] = {"ambiguous": res.ambiguous, "accepted": res.accepted}
+        if getattr(mods[0], "smooth", None) is not None:
+            # The integers of each model are those of W * smooth: they can only be merged on a common basis.
+            if not all(m.smooth is not None and torch.equal(m.smooth, mods[0].smooth) for m in mods):
+                raise ValueError(f"merge: layer {name!r} has different SmoothQuant factors in the models; build "
+                                 f"every copy with the same ones: hdrq.quantize(..., smooth="
+                                 f"hdrq.calib.smooth_factors(first_copy))")
+            new_sd[f"{name}.smooth"] = sds[0][f"{name}.smooth"].clone()
+
+    # A weight registered under a second name (an embedding tied to a quantized layer) takes that layer's value.
+    merged_at = {sds[0][f"{n}.weight"].data_ptr(): f"{n}.weight" for n in layers if f"{n}.weight" in sds[0]}
+    for key, v0 in sds[0].items():
+        if key not in new_sd and v0.is_floating_point() and v0.data_ptr() in merged_at:
+            other = merged_at[v0.data_ptr()]
+            if sds[0][other].shape == v0.shape:
+                new_sd[key] = new_sd[other]
 
     # 3. everything else: float parameters by the method, float buffers averaged, the rest from model 0
     params = {n for n, _ in models[0].named_parameters(remove_duplicate=False)}

@@ -362,12 +362,15 @@ def _from_quant_args(layer: Union[QuantLinear, QuantConv2d], act: str, off_act: 
                          f"{aq.mode!r}, rounding {aq.rounding!r}")
     if aq.mode == "hard" and aq.axis is not None:
         raise ValueError(f"{name}: the act quantizer must be per tensor (axis None), got axis={aq.axis}")
+    dynamic = getattr(aq, "dynamic", False)
     args = dict(w_bits=wq.bits, q=layer.weight_integers(), weight_scale=wq.step_size().detach().float(),
                 bias=None if layer.bias is None else layer.bias.detach().float(), act_scale=None)
     if aq.mode == "off" and off_act == "float":
         args.update(act="float", a_bits=aq.bits, a_signed=aq.signed)
     elif aq.mode == "off":  # "dynamic8": opt-in, changes results
         args.update(act="dynamic", a_bits=8, a_signed=True)
+    elif dynamic:  # calibrated per token: deployed per token, whatever ``act`` asks for per-tensor layers
+        args.update(act="dynamic", a_bits=aq.bits, a_signed=True)
     else:
         args.update(act=act, a_bits=aq.bits, a_signed=aq.signed)
         if act == "static":
@@ -394,13 +397,17 @@ def _rtn(weight: Tensor, w_bits: int, observer: str) -> tuple[Tensor, Tensor]:
 
 
 class QLinear(_QLayer):
-    """``y = x @ W^T + b`` with integer weights and quantized inputs, on ``hdrq.ops.int_matmul``.
+    """``y = (x / smooth) @ W^T + b`` with integer weights and quantized inputs, on ``hdrq.ops.int_matmul``.
 
     Build one with :meth:`from_quant` (a calibrated ``QuantLinear``), :meth:`from_float` (an ``nn.Linear``
-    by RTN) or the constructor followed by :meth:`set_integers`. See the module docstring for ``act``."""
+    by RTN) or the constructor followed by :meth:`set_integers`. See the module docstring for ``act``.
+    ``smooth`` (fp32 ``[in_features]``, only when built with ``smooth=True``): the SmoothQuant factors the
+    layer was calibrated with (``hdrq.quant.QuantLinear``), the input divided by them before it is quantized."""
+
+    smooth: Optional[Tensor]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int, a_bits: int,
-                 act: str = "static", a_signed: bool = True, device=None):
+                 act: str = "static", a_signed: bool = True, smooth: bool = False, device=None):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"QLinear needs in_features, out_features >= 1, got {in_features}, {out_features}")
@@ -408,6 +415,8 @@ class QLinear(_QLayer):
         self._weight_shape = (self.out_features, self.in_features)
         self._init_qlayer(self.out_features, self.in_features, 1, has_bias=bias, w_bits=w_bits, a_bits=a_bits,
                           act=act, a_signed=a_signed, device=device)
+        self.register_buffer("smooth", torch.ones(self.in_features, device=self.weight_scale.device)
+                             if smooth else None)
 
     @classmethod
     def from_quant(cls, layer: QuantLinear, *, act: str = "static", off_act: str = "float") -> "QLinear":
@@ -419,8 +428,12 @@ class QLinear(_QLayer):
         if not isinstance(layer, QuantLinear):
             raise TypeError(f"QLinear.from_quant takes a hdrq.quant.QuantLinear, got {type(layer).__name__}")
         a = _from_quant_args(layer, act, off_act)
+        smooth = getattr(layer, "smooth", None)
         m = cls(layer.in_features, layer.out_features, layer.bias is not None, w_bits=a["w_bits"],
-                a_bits=a["a_bits"], act=a["act"], a_signed=a["a_signed"], device=layer.weight.device)
+                a_bits=a["a_bits"], act=a["act"], a_signed=a["a_signed"], smooth=smooth is not None,
+                device=layer.weight.device)
+        if smooth is not None:
+            m.smooth.copy_(smooth.detach().float())
         return m.set_integers(a["q"], a["weight_scale"], a["bias"], a["act_scale"])
 
     @classmethod
@@ -442,11 +455,39 @@ class QLinear(_QLayer):
 
     def spec(self) -> dict:
         """Constructor arguments (JSON-able): ``QLinear(**spec)`` rebuilds an empty layer like this one."""
-        return {"in_features": self.in_features, "out_features": self.out_features, **self._quant_spec()}
+        spec = {"in_features": self.in_features, "out_features": self.out_features, **self._quant_spec()}
+        if self.smooth is not None:
+            spec["smooth"] = True
+        return spec
+
+    def canonical_tensors(self) -> dict[str, Tensor]:
+        """As :meth:`_QLayer.canonical_tensors`, plus ``smooth`` where the layer has it."""
+        t = super().canonical_tensors()
+        if self.smooth is not None:
+            t["smooth"] = self.smooth.detach().cpu().clone()
+        return t
+
+    def load_canonical(self, tensors: dict[str, Tensor], where: str = "") -> "QLinear":
+        tensors = dict(tensors)
+        smooth = tensors.pop("smooth", None)
+        what = f"{where}: " if where else ""
+        if (smooth is None) != (self.smooth is None):
+            raise ValueError(f"{what}this layer {'has' if self.smooth is not None else 'has no'} smoothing factors, "
+                             f"got {'none' if smooth is None else 'smooth'}")
+        if smooth is not None:
+            if tuple(smooth.shape) != (self.in_features,) or smooth.dtype != torch.float32:
+                raise ValueError(f"{what}smooth must be torch.float32 of shape ({self.in_features},), got "
+                                 f"{smooth.dtype} of shape {tuple(smooth.shape)}")
+            if not bool((torch.isfinite(smooth) & (smooth > 0)).all()):
+                raise ValueError(f"{what}every smooth factor must be finite and > 0")
+            self.smooth.copy_(smooth)
+        return super().load_canonical(tensors, where)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear: expected input [..., {self.in_features}], got shape {tuple(x.shape)}")
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
         if self.act == "float":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)

@@ -5,6 +5,7 @@ import torch
 
 import hdrq
 
+
 HAS_CUDA = torch.cuda.is_available()
 
 try:

@@ -387,6 +387,79 @@ def test_hf_style_decoder_layers_with_token_ids(method):
     assert rel < 0.5
 
 
+class AppendCache:
+    """A mutable object handed to every block, as transformers' DynamicCache: each call appends its keys."""
+
+    def __init__(self):
+        self.keys: dict[int, list] = {}
+
+    def update(self, i, k):
+        self.keys.setdefault(i, []).append(k)
+        return torch.cat(self.keys[i], 1)
+
+
+class CachedLayer(nn.Module):
+    def __init__(self, d, i):
+        super().__init__()
+        self.i, self.q, self.k, self.o = i, nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, h, cache=None):
+        k = self.k(h)
+        if cache is not None:
+            k = cache.update(self.i, k)  # a reused cache would return this call's keys and every earlier call's
+        return h + self.o(torch.softmax(self.q(h) @ k.transpose(-1, -2), -1) @ k)
+
+
+class CachedModel(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.layers = nn.ModuleList([CachedLayer(d, 0), CachedLayer(d, 1)])
+
+    def forward(self, x):
+        cache = AppendCache()
+        for layer in self.layers:
+            x = layer(x, cache=cache)
+        return x
+
+
+@pytest.mark.parametrize("method", ["qdrop", "hdrq"])
+def test_stateful_block_arguments_get_a_fresh_copy_per_call(method):
+    torch.manual_seed(0)
+    model = CachedModel().eval()
+    x = torch.randn(16, 5, 8)
+    cfg = quick(method, iters=4, calib_batch_size=4)
+    q = hdrq.quantize(model, x, cfg, source=model if method == "hdrq" else None, blocks=["layers.0", "layers.1"])
+    with torch.no_grad():
+        assert (q(x) - model(x)).norm() / model(x).norm() < 0.2
+
+
+class OwnForwardConv(nn.Conv2d):
+    """A conv subclass computing something else than nn.Conv2d (here: its input doubled first)."""
+
+    def forward(self, x):
+        return super().forward(2 * x)
+
+
+def test_layer_subclass_with_own_forward_stays_float_and_is_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(OwnForwardConv(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    with pytest.warns(UserWarning, match=r"'0' \(OwnForwardConv: a subclass of nn.Conv2d with its own forward"):
+        q = hdrq.quantize(model, torch.randn(8, 3, 8, 8), quick("rtn"))
+    assert type(q[0]) is OwnForwardConv and isinstance(q[3], QuantLinear)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert (q(x) - model(x)).norm() / model(x).norm() < 0.05
+
+
+def test_verbose_switch_covers_every_pass(capfd, mlp_task):
+    model, x = mlp_task["model"], mlp_task["calib"][:32]
+    hdrq.quantize(model, x, quick("qdrop", iters=2, verbose=False))
+    assert capfd.readouterr().err == ""
+    hdrq.quantize(model, x, quick("qdrop", iters=2, verbose=True))
+    err = capfd.readouterr().err
+    assert "observe" in err and "cache" in err and "qdrop [1/" in err
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------

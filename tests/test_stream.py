@@ -68,23 +68,7 @@ def assert_same_model(a, b):
 
 
 def import_transformers():
-    """``transformers``, or a skip. PyPI's ``kernels`` (a transformers dependency) has the name of this
-    repository's ``kernels/`` folder (installed as ``hdrq.kernels``), which shadows it when tests run from the
-    repository root: import the real one first, with the root off the path."""
-    import importlib
-    import os
-    import sys
-
-    if "kernels" not in sys.modules:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        saved = list(sys.path)
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-        try:
-            importlib.import_module("kernels")
-        except ImportError:
-            pass
-        finally:
-            sys.path[:] = saved
+    """``transformers``, or a skip."""
     return pytest.importorskip("transformers")
 
 

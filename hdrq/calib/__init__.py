@@ -14,11 +14,11 @@ from .blocks import (Block, find_blocks, is_residual_block, is_transformer_block
 from .checkpoint import load_quantized, save_quantized
 from .cache import BlockCache, collect_calib_data
 from .config import METHODS, PRESETS, QuantConfig, check_device
-from .engine import prepare_float, quantize
+from .engine import prepare_float, quantize, smooth_factors, smooth_scales
 from .reconstruct import BlockReconstructor, BlockReport, finalize_layer, reconstruction_loss
 
 __all__ = ["QuantConfig", "quantize", "METHODS", "PRESETS", "Block", "find_blocks", "is_residual_block",
            "is_transformer_block", "quantizable_layers", "unquantizable_layers", "report_unquantizable",
-           "check_device", "BlockCache", "collect_calib_data", "prepare_float",
+           "check_device", "BlockCache", "collect_calib_data", "prepare_float", "smooth_scales", "smooth_factors",
            "BlockReconstructor", "BlockReport", "finalize_layer", "reconstruction_loss", "save_quantized",
            "load_quantized"]

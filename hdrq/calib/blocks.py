@@ -16,8 +16,9 @@ The rule, applied top-down from the model's children (the first match wins, its 
 3. Quantizable layers (``nn.Conv2d`` / ``nn.Linear``) outside every block are single-layer blocks.
 
 Every other layer that multiplies by a weight matrix or kernel (``nn.Conv1d``, ``nn.ConvTranspose2d``,
-``nn.Embedding``, transformers' ``Conv1D``, ...) stays float: :func:`unquantizable_layers` names them and
-:func:`report_unquantizable` says so in one warning, so nothing is left float silently.
+``nn.Embedding``, ...) stays float: :func:`unquantizable_layers` names them and :func:`report_unquantizable`
+says so in one warning, so nothing is left float silently (transformers' ``Conv1D`` is quantized:
+``hdrq.quantize`` turns it into the ``nn.Linear`` it is).
 
 Only modules containing at least one quantizable layer are considered, never the model itself. Users can
 name the blocks instead (``QuantConfig.blocks`` or ``hdrq.quantize(..., blocks=[...])``).
@@ -35,6 +36,7 @@ import torch.fx
 from torch import nn
 
 from ..quant.attention import DecomposedMultiheadAttention
+from ..quant.layers import is_transposed_linear
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 BLOCK_KINDS = ("transformer", "residual", "explicit", "layer")
@@ -53,33 +55,51 @@ class Block:
     layers: tuple[str, ...]
 
 
+def _computes_as_base(m: nn.Module) -> bool:
+    """A subclass that keeps ``nn.Linear`` / ``nn.Conv2d``'s forward computes what its base class does; one with
+    its own forward (EfficientNet's static "same" padding, for example) may compute something else."""
+    return type(m).forward in (nn.Linear.forward, nn.Conv2d.forward)
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by name, in registration order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name}
+    """Every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by name (subclasses that keep the base class's forward
+    included), in registration order."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, QUANTIZABLE) and _computes_as_base(m) and name}
 
 
-# Why a layer type that holds a weight matrix stays float, by class name (so that optional libraries such as
-# transformers need not be imported); any other such type gets the generic reason. A type that becomes
-# quantizable (joins QUANTIZABLE) drops out of the report by itself.
+# Why a layer type that holds a weight matrix stays float, by class name (optional libraries need not be
+# imported); any other such type gets the generic reason.
 _FLOAT_REASONS = {
     "Embedding": "an embedding table is a lookup, not a matmul",
     "EmbeddingBag": "an embedding table is a lookup, not a matmul",
-    "Conv1D": "transformers' Conv1D (a Linear with a transposed weight) is not quantized yet",
 }
 
 
 def unquantizable_layers(model: nn.Module) -> dict[str, str]:
-    """The layers of ``model`` that hold a weight matrix or kernel (a parameter whose name contains "weight",
-    of two or more dimensions) but are not a quantizable ``nn.Linear`` / ``nn.Conv2d``: ``{name: why it
-    stays float}``, in registration order. Norm layers (1-D weights) and parameters such as position
+    """The layers of ``model`` that hold a weight matrix or kernel (a parameter named ``*weight*`` of two or more
+    dimensions) but are not a quantizable ``nn.Linear`` / ``nn.Conv2d``: ``{name: why it stays float}``, in
+    registration order. A weight shared with a quantizable layer (an embedding tied to the output layer) is
+    named too: it holds that layer's quantized values. Norm layers (1-D weights) and parameters such as position
     embeddings or class tokens (not named weights) are not layers hdrq would quantize, and are not listed."""
+    owners = {id(m.weight): name for name, m in quantizable_layers(model).items()}
     found = {}
     for name, m in model.named_modules():
-        if isinstance(m, QUANTIZABLE) or not any("weight" in pn and p.dim() >= 2
-                                                 for pn, p in m.named_parameters(recurse=False)):
+        if (isinstance(m, QUANTIZABLE) and _computes_as_base(m)) or is_transposed_linear(m):
+            continue  # quantized (a transposed linear as the nn.Linear it is)
+        weights = [p for pn, p in m.named_parameters(recurse=False) if "weight" in pn and p.dim() >= 2]
+        if not weights:
             continue
         cls = type(m).__name__
-        found[name] = f"{cls}: {_FLOAT_REASONS.get(cls, 'only nn.Linear and nn.Conv2d layers are quantized')}"
+        if isinstance(m, QUANTIZABLE):
+            base = "Linear" if isinstance(m, nn.Linear) else "Conv2d"
+            why = f"{cls}: a subclass of nn.{base} with its own forward (hdrq cannot tell what it computes)"
+        else:
+            why = f"{cls}: {_FLOAT_REASONS.get(cls, 'only nn.Linear and nn.Conv2d layers are quantized')}"
+        tied = [owners[id(p)] for p in weights if id(p) in owners]
+        if tied:
+            why += f"; its weight is tied to {tied[0]!r}, so it holds that layer's quantized weight"
+        found[name] = why
     return found
 
 

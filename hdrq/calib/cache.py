@@ -12,6 +12,14 @@ leading dimension is the batch size is *batched* and stored as one ``[N, ...]`` 
 (a constant mask, position ids, ``None``, a flag) is kept as it was in the first batch. A batched leaf
 that is identical in ``fp`` and ``q`` (a padding mask, or every input of the first block) is stored once.
 
+A leaf that is neither a tensor nor an immutable value (a number, a string, ``None``, a dtype...) nor a
+module or a function is *stateful*: an object the block may change when called, such as a key/value cache
+(transformers' ``DynamicCache``, which every attention layer appends to). Reusing it would carry one call's
+state into the next (and its autograd graph into the next backward), so it is copied (``copy.deepcopy``) as
+the block received it in the first batch, before the call, and every call made from the cache gets a fresh
+copy of that snapshot. (``hdrq.quantize`` also switches a transformers model's own key/value cache off while
+it calibrates, so such objects rarely reach a block.)
+
 Where the cache lives: on the calibration device when it fits in half of the device's free memory, else
 on the CPU in pinned memory; then every iteration gathers its batch on the CPU and copies it over
 asynchronously. Storage is allocated once at its final size (after the first batch shows the bytes per
@@ -19,6 +27,10 @@ sample), so there is never a second copy of the cached data on the device.
 """
 from __future__ import annotations
 
+import copy
+import enum
+import functools
+import types
 import warnings
 from collections.abc import Mapping
 from typing import Any, Iterable, Optional
@@ -118,9 +130,14 @@ def _calib_batch(item: Any, where: str) -> Tensor:
     return item
 
 
-def iter_chunks(data: Tensor, batch_size: int, device: torch.device) -> Iterable[tuple[int, Tensor]]:
-    """``(start, batch on device)`` over ``data`` in order."""
-    for start in range(0, data.shape[0], batch_size):
+def iter_chunks(data: Tensor, batch_size: int, device: torch.device, *,
+                desc: Optional[str] = None) -> Iterable[tuple[int, Tensor]]:
+    """``(start, batch on device)`` over ``data`` in order; with ``desc``, a progress bar (tqdm) so named."""
+    starts = range(0, data.shape[0], batch_size)
+    if desc is not None:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=desc, leave=False, dynamic_ncols=True)
+    for start in starts:
         yield start, data[start:start + batch_size].to(device, non_blocking=True)
 
 
@@ -149,6 +166,25 @@ def _batched_leaf(leaf: Any, batch: int) -> bool:
     return isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == batch
 
 
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, slice, range, type(Ellipsis), torch.dtype,
+              torch.device, torch.layout, torch.memory_format, torch.Size, enum.Enum, type, nn.Module,
+              types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
+
+
+def is_stateful(leaf: Any) -> bool:
+    """True for a call argument the block may mutate (see the module docstring): not a tensor, an immutable
+    value, a module or a function."""
+    return not isinstance(leaf, (Tensor, *_IMMUTABLE))
+
+
+def _snapshot(tree: Any) -> Any:
+    """``tree`` with every stateful leaf deep-copied (its state before the block runs)."""
+    leaves, spec = pytree.tree_flatten(tree)
+    if not any(is_stateful(l) for l in leaves):
+        return tree
+    return pytree.tree_unflatten([copy.deepcopy(l) if is_stateful(l) else l for l in leaves], spec)
+
+
 @torch.no_grad()
 def canonical_device(device: torch.device) -> torch.device:
     """``device`` with its index: "cuda" and "cuda:0" name one device but compare unequal, and tensors always
@@ -163,16 +199,17 @@ def canonical_device(device: torch.device) -> torch.device:
 
 def capture(model: nn.Module, block: nn.Module, data: Tensor, batch_size: int, device: torch.device, *,
             outputs: bool, storage: Optional[torch.device] = None, decide_storage=None,
-            name: str = "") -> tuple[CapturedCalls, Optional[CapturedCalls]]:
+            name: str = "", desc: Optional[str] = None) -> tuple[CapturedCalls, Optional[CapturedCalls]]:
     """Run ``model`` over ``data`` in batches, recording ``block``'s first call per batch (and its output if
     ``outputs``). Storage is ``storage`` or ``decide_storage(bytes_per_sample)`` (called after the first
-    batch). Returns ``(inputs, outputs or None)``."""
+    batch). ``desc``: show a progress bar so named. Returns ``(inputs, outputs or None)``."""
     n = data.shape[0]
     seen: dict[str, Any] = {}
 
     def pre_hook(module, args, kwargs):
         if "args" not in seen:
-            seen["args"] = (args, kwargs)
+            # stateful arguments (a key/value cache) as they are before the call: only the first batch's are kept
+            seen["args"] = _snapshot((args, kwargs)) if stores[0] is None else (args, kwargs)
             if not outputs:
                 raise _StopForward
 
@@ -187,7 +224,7 @@ def capture(model: nn.Module, block: nn.Module, data: Tensor, batch_size: int, d
         handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
     stores: list[Optional[CapturedCalls]] = [None, None]
     try:
-        for start, x in iter_chunks(data, batch_size, device):
+        for start, x in iter_chunks(data, batch_size, device, desc=desc):
             seen.clear()
             try:
                 model(x)
@@ -272,6 +309,7 @@ class BlockCache:
         self.fp_leaves = [None if not bt or torch.equal(f, q) else f
                           for f, q, bt in zip(fp_in.leaves, q_in.leaves, self.batched)]
         self.const = [None if bt else _to(l, device) for l, bt in zip(q_in.leaves, self.batched)]
+        self.stateful = [not bt and is_stateful(l) for l, bt in zip(q_in.leaves, self.batched)]
         tgt_leaves = [l for l, bt in zip(target.leaves, target.batched) if bt]
         if not tgt_leaves:
             raise RuntimeError("the block's output has no batched tensor to reconstruct")
@@ -305,12 +343,14 @@ class BlockCache:
     @classmethod
     def build(cls, fp_model: nn.Module, q_model: nn.Module, name: str, data: Tensor, device: torch.device, *,
               batch_size: int, iters: int, drop_prob: float, seed: int,
-              cache_device: Optional[str] = None) -> "BlockCache":
+              cache_device: Optional[str] = None, verbose: bool = False) -> "BlockCache":
+        """Capture the block ``name``'s inputs and targets in ``fp_model`` and its inputs in ``q_model``;
+        ``verbose``: a progress bar for each of the two passes."""
         decide = pick_storage(device, cache_device, data.shape[0])
         fp_in, target = capture(fp_model, fp_model.get_submodule(name), data, batch_size, device, outputs=True,
-                                decide_storage=decide, name=name)
+                                decide_storage=decide, name=name, desc=f"cache {name}: float" if verbose else None)
         q_in, _ = capture(q_model, q_model.get_submodule(name), data, batch_size, device, outputs=False,
-                          storage=fp_in.storage, name=name)
+                          storage=fp_in.storage, name=name, desc=f"cache {name}: quantized" if verbose else None)
         return cls(fp_in, q_in, target, device, batch_size=batch_size, iters=iters, drop_prob=drop_prob,
                    seed=seed)
 
@@ -333,9 +373,9 @@ class BlockCache:
     def batch(self, step: int) -> tuple[tuple, dict, Tensor]:
         """``(args, kwargs, target)`` of iteration ``step``."""
         leaves = []
-        for q, f, c, bt in zip(self.q_leaves, self.fp_leaves, self.const, self.batched):
+        for q, f, c, bt, st in zip(self.q_leaves, self.fp_leaves, self.const, self.batched, self.stateful):
             if not bt:
-                leaves.append(c)
+                leaves.append(copy.deepcopy(c) if st else c)  # a fresh copy per call: no state carried over
                 continue
             xq = self._gather(q, step)
             if f is not None and self.drop_prob > 0.0:

@@ -33,6 +33,7 @@ import torch
 
 METHODS = ("rtn", "brecq", "qdrop", "hdrq")
 GRANULARITIES = ("tensor", "channel")
+ACT_GRANULARITIES = ("tensor", "token")
 NOISE_MODES = ("uniform", "histogram")
 ACT_PLACEMENTS = ("output", "input")
 CONFIG_VERSION = 1
@@ -55,6 +56,12 @@ COMMON_DEFAULTS: dict[str, Any] = dict(act_placement="output", act_loss_p=2.0)
 # iteration (batch 1 out of the calibration samples) and one weight step size per layer.
 AUTHORS_SETTINGS: dict[str, Any] = dict(calib_batch_size=1, granularity="tensor", act_placement="output",
                                         first_last_bits=8)
+# Transformers (QuantConfig.transformer): what W8A8 / W6A6 deployments of transformers run. One weight step size
+# per output channel; each token's activations quantized with its own step size at run time (per-token dynamic,
+# as ``hdrq.convert`` deploys them); every layer at the same width (no 8-bit first / last layer); the
+# per-channel outlier scales of each linear layer's input migrated into its weight (SmoothQuant, alpha 0.5).
+TRANSFORMER_SETTINGS: dict[str, Any] = dict(granularity="channel", act_granularity="token", first_last_bits=None,
+                                            smooth_alpha=0.5)
 
 
 @dataclass
@@ -68,6 +75,15 @@ class QuantConfig:
         w_bits / a_bits: weight and activation bits (2 to 8); ``a_bits=None`` leaves activations float.
         granularity: weight step sizes "tensor" (one per layer, as the HDRQ authors' code) or "channel"
             (one per output channel).
+        act_granularity: input step sizes of ``nn.Linear`` layers: "tensor" (one calibrated step size per
+            layer, learned by LSQ in brecq / qdrop / hdrq) or "token" (each token, i.e. each row of the last
+            dimension, takes ``absmax / qmax`` at run time on the symmetric signed grid: the per-token dynamic
+            quantization ``hdrq.convert`` deploys, simulated exactly during calibration; nothing to learn).
+            ``nn.Conv2d`` layers and block boundaries always use "tensor".
+        smooth_alpha: None, or SmoothQuant's migration strength in [0, 1]: each ``nn.Linear`` divides its
+            input by ``m = max|x_j|^alpha / max|W_j|^(1 - alpha)`` per input channel ``j`` (the maxima over the
+            calibration data and over the weight column) and multiplies its weight columns by ``m``: the same
+            function, with activation outliers moved into the weight, where per-channel steps absorb them.
         first_last_bits: weight and input-activation bits of the first and the last quantized layer (in
             execution order); None means the same as the others.
         iters: reconstruction iterations per block (for brecq: the weight-rounding stage).
@@ -108,7 +124,8 @@ class QuantConfig:
         max_calib_samples: at most this many calibration samples are taken from ``calib_data`` (the
             first ones; a warning says when there were more); None takes them all, which never ends on an
             endless iterable.
-        verbose: tqdm progress bars (one per block, showing the loss).
+        verbose: progress bars (tqdm) for every pass of :func:`hdrq.quantize`: the observation pass, each
+            block's caching passes and its reconstruction (showing the loss); False silences them all.
         stream: stream the model through the calibration device block by block (``hdrq.calib.stream``):
             None (default) streams models whose blocks form a chain and calibrates any other model whole;
             True streams or says why it cannot (a warning) and calibrates whole; False never streams. The
@@ -119,6 +136,8 @@ class QuantConfig:
     w_bits: int = 4
     a_bits: Optional[int] = 4
     granularity: str = "tensor"
+    act_granularity: str = "tensor"
+    smooth_alpha: Optional[float] = None
     first_last_bits: Optional[int] = 8
     iters: Optional[int] = None
     act_iters: Optional[int] = None
@@ -157,6 +176,13 @@ class QuantConfig:
         activation placement and 8-bit first and last layers; ``overrides`` on top."""
         return cls(method=method, **{**AUTHORS_SETTINGS, **overrides})
 
+    @classmethod
+    def transformer(cls, method: str, **overrides) -> "QuantConfig":
+        """``method``'s preset with the settings transformer deployments use (``TRANSFORMER_SETTINGS``):
+        per-output-channel weight steps, per-token dynamic activations, SmoothQuant (alpha 0.5), every layer
+        at ``w_bits`` / ``a_bits``; ``overrides`` on top."""
+        return cls(method=method, **{**TRANSFORMER_SETTINGS, **overrides})
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"QuantConfig: method must be one of {METHODS}, got {self.method!r}")
@@ -189,6 +215,13 @@ class QuantConfig:
             _bits("first_last_bits", self.first_last_bits)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"QuantConfig: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"QuantConfig: act_granularity must be one of {ACT_GRANULARITIES}, got "
+                             f"{self.act_granularity!r}")
+        if self.smooth_alpha is not None and (isinstance(self.smooth_alpha, bool)
+                                              or not isinstance(self.smooth_alpha, (int, float))
+                                              or not 0.0 <= self.smooth_alpha <= 1.0):
+            raise ValueError(f"QuantConfig: smooth_alpha must be None or in [0, 1], got {self.smooth_alpha!r}")
         if self.act_placement not in ACT_PLACEMENTS:
             raise ValueError(f"QuantConfig: act_placement must be one of {ACT_PLACEMENTS}, got {self.act_placement!r}")
         if isinstance(self.act_loss_p, bool) or not isinstance(self.act_loss_p, (int, float)) \

@@ -60,6 +60,7 @@ class BlockReport:
     cache_device: str = ""
     cache_bytes: int = 0
     stages: list[str] = field(default_factory=list)
+    note: str = ""  # what was left out, and why (a block not reconstructed, weights kept fixed)
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
@@ -122,12 +123,17 @@ class BlockReconstructor:
         config: the run's :class:`QuantConfig`.
         source_weights: HDRQ's ``{full name: source weight}`` (on the device) for the distance term.
         report: filled in as it runs.
+        fixed_weights: names of layers whose weights stay as they are (hard-quantized, not learned): weights
+            shared with a module outside the block.
     """
 
     def __init__(self, block: nn.Module, layers: dict[str, QuantLayer], cache: BlockCache, config: QuantConfig,
                  *, boundary: Sequence[Quantizer] = (), source_weights: Optional[dict[str, Tensor]] = None,
-                 report: Optional[BlockReport] = None, desc: str = "", data_parallel: bool = False):
+                 report: Optional[BlockReport] = None, desc: str = "", fixed_weights: Sequence[str] = (),
+                 data_parallel: bool = False):
         self.block, self.layers, self.cache, self.cfg = block, layers, cache, config
+        self.fixed = set(fixed_weights)
+        self.learned = {n: l for n, l in layers.items() if n not in self.fixed}
         # Data parallel (torch.distributed initialised): each process trains on its share of every batch and the
         # gradients are summed over processes before each step, so every process takes the same steps.
         self.world, self.rank = 1, 0
@@ -170,7 +176,7 @@ class BlockReconstructor:
 
     # ---------------------------------------------------------------------------------------------
     def _attach_adaround(self) -> None:
-        for name, layer in self.layers.items():
+        for name, layer in self.learned.items():
             wq = layer.weight_quantizer
             ar = AdaRound(layer.weight, _bcast(wq.step_size().detach(), layer.weight, wq.axis), wq.qmin, wq.qmax)
             wq.rounding = ar.to(layer.weight.device)
@@ -179,7 +185,7 @@ class BlockReconstructor:
     @torch.no_grad()
     def _detach_adaround(self) -> None:
         """Bake AdaRound's hard decision into the weight (``W = s * integer``) and return to plain rounding."""
-        for name, layer in self.layers.items():
+        for name, layer in self.learned.items():
             wq = layer.weight_quantizer
             s = _bcast(wq.step_size().detach(), layer.weight, wq.axis)
             ints = self.adarounds[name].integers(layer.weight, s)
@@ -196,9 +202,10 @@ class BlockReconstructor:
         if learn_weights and self.adarounds:
             w_params = [ar.alpha for ar in self.adarounds.values()]
         elif learn_weights and continuous:
-            for layer in self.layers.values():
+            for layer in self.learned.values():
                 w_params += [layer.weight, layer.weight_quantizer.scale]
-        a_params = [q.scale for q in self.act_quantizers] if learn_acts else []
+        # per-token (dynamic) quantizers compute their step sizes from the data: nothing to learn
+        a_params = [q.scale for q in self.act_quantizers if not q.dynamic] if learn_acts else []
         groups, lambdas = [], []
         if w_params and cfg.w_lr > 0:
             groups.append({"params": w_params, "lr": cfg.w_lr})
@@ -222,7 +229,7 @@ class BlockReconstructor:
             q.drop_prob = drop
         self.cache.drop_prob = drop
 
-        dist_pairs = [(layer.weight, self.source_weights[n]) for n, layer in self.layers.items()
+        dist_pairs = [(layer.weight, self.source_weights[n]) for n, layer in self.learned.items()
                       if continuous and cfg.lambda_dist > 0 and n in self.source_weights]
         reg_weight, (b_start, b_end) = cfg.round_reg_weight, cfg.round_beta
         warm_iters = cfg.warmup * iters
@@ -279,6 +286,7 @@ class BlockReconstructor:
                 bar.close()
         for p in params:
             p.requires_grad_(False)
+            p.grad = None  # the returned model carries no optimiser leftovers
         self.report.iters += iters
         self.report.stages.append(f"{label}:{iters}")
         if self.report.loss_first is None and first_loss is not None:
@@ -305,8 +313,9 @@ class BlockReconstructor:
         False); quantizers in training mode so QDrop's dropping is active (the rest of the block stays in
         eval mode: no dropout, no batch-statistics updates)."""
         noise_mode = self.cfg.noise_mode
-        for layer in self.layers.values():
-            layer.weight_quantizer.set_mode(mode, noise_mode)
+        for name, layer in self.layers.items():
+            # a fixed weight is already on its grid: noise would only perturb it
+            layer.weight_quantizer.set_mode("hard" if name in self.fixed else mode, noise_mode)
             layer.weight_quantizer.train(training)
         for q in self.act_quantizers:
             q.set_mode(mode if acts_on else "off", noise_mode)

@@ -53,7 +53,7 @@ from .cache import BlockCache, CapturedCalls, _allocate, _batched_leaf, capture,
 from .config import QuantConfig
 from .engine import (Observer, RunOptions, _boundary, _boundary_quantizer, _reconstruct_block, block_iters,
                      block_seed, boundary_quantizer, check_source_layers, end_layers, finalize_model, finish,
-                     prepare_float, quant_layer, source_needed)
+                     prepare_float, quant_layer, source_needed, tied_weights)
 from .reconstruct import finalize_layer, finalize_quantizer, first_tensor
 
 
@@ -359,6 +359,9 @@ def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: 
     layers = quantizable_layers(meta)
     if not layers:
         raise StreamUnsupported("the model has no quantizable layers")
+    if tied_weights(meta, layers):
+        raise StreamUnsupported("a layer's weight is tied to a module that stays float (it is quantized once, "
+                                "on the whole model)")
     plan = find_blocks(meta, cfg.blocks)
     chain_blocks = [b for b in plan if b.kind != "layer"]
     if len(chain_blocks) < 2:
@@ -543,7 +546,7 @@ def quantize_streamed(model: nn.Module, data: Tensor, cfg: QuantConfig, device: 
         set_module(q_shell, nm, qb)
     q_shell.to(out_device)
     finalize_model(q_shell, layers, rec.result())
-    return finish(q_shell, cfg, reports)
+    return finish(q_shell, model, cfg, reports)
 
 
 __all__ = ["quantize_streamed", "StreamUnsupported", "meta_skeleton", "make_shell", "ChainStub", "run_calls",

@@ -21,13 +21,14 @@ class QuantLayer(nn.Module):
     bias: Optional[nn.Parameter]
 
     def _init_quant(self, layer: nn.Module, w_bits: int, a_bits: int, per_channel: bool, a_signed: bool,
-                    a_enabled: bool) -> None:
+                    a_enabled: bool, a_dynamic: bool = False) -> None:
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         out = self.weight.shape[0]
         self.weight_quantizer = Quantizer(w_bits, signed=True, axis=0 if per_channel else None,
                                           channels=out if per_channel else None)
-        self.act_quantizer = Quantizer(a_bits, signed=a_signed, mode="hard" if a_enabled else "off")
+        self.act_quantizer = Quantizer(a_bits, signed=a_signed or a_dynamic, mode="hard" if a_enabled else "off",
+                                       dynamic=a_dynamic)
 
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)
@@ -99,23 +100,42 @@ class QuantLayer(nn.Module):
 
 
 class QuantLinear(QuantLayer):
-    """``F.linear(act_quantizer(x), weight_quantizer(weight), bias)``."""
+    """``F.linear(act_quantizer(x / smooth), weight_quantizer(weight), bias)``.
+
+    ``smooth`` (a buffer ``[in_features]``, or None): SmoothQuant's per-input-channel factors. The layer is
+    built from the float ``W`` with ``weight = W * smooth`` (columns), so without quantization it computes the
+    float layer's function exactly; activation outliers divided down, weight columns multiplied up."""
+
+    smooth: Optional[Tensor]
 
     def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int, *, per_channel: bool = True,
-                 a_signed: bool = True, a_enabled: bool = True):
+                 a_signed: bool = True, a_enabled: bool = True, a_dynamic: bool = False,
+                 smooth: Optional[Tensor] = None):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QuantLinear wraps nn.Linear, got {type(linear).__name__}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._init_quant(linear, w_bits, a_bits, per_channel, a_signed, a_enabled)
+        self._init_quant(linear, w_bits, a_bits, per_channel, a_signed, a_enabled, a_dynamic)
+        if smooth is not None:
+            smooth = smooth.detach().to(device=self.weight.device, dtype=torch.float32).reshape(-1)
+            if smooth.numel() != self.in_features or not bool(torch.isfinite(smooth).all() & (smooth > 0).all()):
+                raise ValueError(f"QuantLinear: smooth must hold {self.in_features} finite positive factors, got "
+                                 f"shape {tuple(smooth.shape)}")
+            with torch.no_grad():
+                self.weight.mul_(smooth.to(self.weight.dtype))
+        self.register_buffer("smooth", smooth)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
         return F.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
 
     def float_module(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with this layer's current (unquantized) weight and bias."""
+        """A plain ``nn.Linear`` with this layer's current (unquantized) weight and bias (the smoothing factors
+        divided back out of the weight)."""
         m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        m.weight.data.copy_(self.weight.data)
+        w = self.weight.data if self.smooth is None else self.weight.data / self.smooth.to(self.weight.dtype)
+        m.weight.data.copy_(w)
         if self.bias is not None:
             m.bias.data.copy_(self.bias.data)
         return m.to(self.weight.device)
@@ -197,9 +217,18 @@ def _bcast_step(step: Tensor, like: Tensor, ndim: Optional[int] = None) -> Tenso
 
 
 def compact_weights(model: nn.Module) -> nn.Module:
-    """:meth:`QuantLayer.compact` on every quantized layer of ``model`` (in place); returns ``model``."""
+    """:meth:`QuantLayer.compact` on every quantized layer of ``model`` (in place); returns ``model``. A layer
+    whose weight is also registered under another module (a tie, e.g. an output layer sharing the token
+    embedding) keeps it as a float parameter, so that the other module still reads the same tensor."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
     for _, layer in quant_layers(model):
-        layer.compact()
+        w = layer._parameters.get("weight")
+        if w is None or owners.get(id(w), 0) == 1:
+            layer.compact()
     return model
 
 
@@ -228,12 +257,64 @@ def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
             yield name, m
 
 
-def to_quant_layer(m: nn.Module, w_bits: int, a_bits: int, **kw) -> QuantLayer:
+def to_quant_layer(m: nn.Module, w_bits: int, a_bits: int, *, a_dynamic: bool = False,
+                   smooth: Optional[Tensor] = None, **kw) -> QuantLayer:
+    """The fake-quantized layer for ``m``. ``a_dynamic`` (per-token inputs) and ``smooth`` apply to
+    ``nn.Linear`` only (a conv's inputs keep one calibrated step size)."""
     if isinstance(m, nn.Linear):
-        return QuantLinear(m, w_bits, a_bits, **kw)
+        return QuantLinear(m, w_bits, a_bits, a_dynamic=a_dynamic, smooth=smooth, **kw)
     if isinstance(m, nn.Conv2d):
         return QuantConv2d(m, w_bits, a_bits, **kw)
     raise TypeError(f"only nn.Linear and nn.Conv2d can be quantized, got {type(m).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear layers stored transposed
+# ------------------------------------------------------------------------------------------------
+
+
+def is_transposed_linear(m: nn.Module) -> bool:
+    """True for a linear layer that keeps its weight as ``[in, out]``: transformers' ``Conv1D`` (GPT-2, GPT,
+    ImageGPT...), recognised by its class name and attributes so transformers need not be imported."""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2
+            and tuple(w.shape) == (getattr(m, "nx", None), getattr(m, "nf", None)))
+
+
+@torch.no_grad()
+def linear_from_transposed(m: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` computing what the transposed linear layer ``m`` computes (weight transposed, bias kept)."""
+    if not is_transposed_linear(m):
+        raise TypeError(f"linear_from_transposed takes transformers' Conv1D, got {type(m).__name__}")
+    bias = getattr(m, "bias", None)
+    lin = nn.Linear(m.nx, m.nf, bias=bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    lin.weight.copy_(m.weight.t())
+    if bias is not None:
+        lin.bias.copy_(bias)
+    return lin.train(m.training)
+
+
+def linearize_transposed(model: nn.Module) -> list[str]:
+    """Replace (in place) every transposed linear layer of ``model`` (:func:`is_transposed_linear`) by its
+    ``nn.Linear``, so it can be quantized; returns their names. A layer whose weight is shared with another
+    module is left as it is (replacing it would untie them)."""
+    shared = _shared_parameters(model)
+    done = []
+    for name, m in list(model.named_modules()):
+        if name and is_transposed_linear(m) and id(m.weight) not in shared:
+            set_module(model, name, linear_from_transposed(m))
+            done.append(name)
+    return done
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one (module, name)."""
+    count: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                count[id(p)] = count.get(id(p), 0) + 1
+    return {k for k, c in count.items() if c > 1}
 
 
 # ------------------------------------------------------------------------------------------------

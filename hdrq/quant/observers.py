@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import ops
 from ..reference import qrange
 
 # A zero range (an all-zero tensor or channel) still needs a positive step size.
@@ -63,14 +62,18 @@ def mse_scale(x: Tensor, bits: int, signed: bool, axis: Optional[int] = None, *,
     base = _range_scale(xc.amin(1), xc.amax(1), bits, signed)  # [C]
     ratios = ratios.to(xc.device)
     per_chunk = max(1, max_chunk_elements // max(c * e, 1))
+    qmin, qmax = qrange(bits, signed)
     errors = []
-    for start in range(0, ratios.numel(), per_chunk):
-        r = ratios[start:start + per_chunk]  # [R]
-        cand = (r[:, None] * base[None, :]).clamp_min(MIN_RANGE_SCALE)  # [R, C]
-        xr = xc.unsqueeze(0).expand(r.numel(), c, e).reshape(r.numel() * c, e)
-        fq = ops.fake_quant(xr, cand.reshape(-1), bits=bits, signed=signed, axis=0)
-        err = (fq - xr).abs().pow(p).sum(1).reshape(r.numel(), c)
-        errors.append(err)
+    with torch.no_grad():
+        for start in range(0, ratios.numel(), per_chunk):
+            r = ratios[start:start + per_chunk]  # [R]
+            cand = (r[:, None] * base[None, :]).clamp_min(MIN_RANGE_SCALE).unsqueeze(-1)  # [R, C, 1]
+            # hdrq.ops.fake_quant's arithmetic (x * (1/s), round half to even, clamp, times s), in place: this
+            # search runs 80 candidates over every weight, and needs no gradient.
+            err = xc.unsqueeze(0) * (1.0 / cand)  # [R, C, E]
+            err.round_().clamp_(qmin, qmax).mul_(cand).sub_(xc.unsqueeze(0)).abs_()
+            err = err.square_() if p == 2 else err.pow_(p)
+            errors.append(err.sum(-1))
     best = torch.cat(errors, 0).argmin(0)  # [C]; the first (largest ratio) on ties
     s = (ratios[best] * base).clamp_min(MIN_RANGE_SCALE)
     return _shape_out(s, axis)

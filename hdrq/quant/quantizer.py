@@ -44,15 +44,23 @@ class Quantizer(nn.Module):
         seed: base seed; each call in ``"noise"`` mode or with dropping uses ``mix_seed(seed, step)`` and
             advances ``step`` (a Python int: no device sync).
         lsq_grad_scale: multiply the step size's gradient by ``1/sqrt(numel * qmax)`` (LSQ's rule).
+        dynamic: one step size per token (each row of the last dimension), ``absmax / qmax`` computed from the
+            data at every call, on the symmetric signed grid ``[-qmax, qmax]``: ``hdrq.ops.quantize_per_token``,
+            what a converted layer with ``act="dynamic"`` runs. In ``"hard"`` mode the values are exactly that
+            op's (the gradient passes straight through); ``"noise"`` and dropping use the per-row step sizes
+            with the usual ops. ``scale`` is not used (and not learned).
 
     ``scale`` starts at 1 and is set by :meth:`set_scale` (from an observer) before use.
     """
 
     def __init__(self, bits: int, *, signed: bool = True, axis: Optional[int] = None,
                  channels: Optional[int] = None, mode: str = "hard", noise_mode: str = "uniform",
-                 drop_prob: float = 0.0, seed: int = 0, lsq_grad_scale: bool = False):
+                 drop_prob: float = 0.0, seed: int = 0, lsq_grad_scale: bool = False, dynamic: bool = False):
         super().__init__()
         ops._check_bits(bits)
+        if dynamic and (axis is not None or not signed):
+            raise ValueError(f"Quantizer: dynamic (per-token) quantization is signed with no axis, got "
+                             f"signed={signed}, axis={axis}")
         if axis is not None and (channels is None or channels < 1):
             raise ValueError(f"Quantizer: axis={axis} needs channels >= 1, got channels={channels!r}")
         self.bits = bits
@@ -65,6 +73,7 @@ class Quantizer(nn.Module):
         self.seed = seed
         self.step = 0
         self.lsq_grad_scale = lsq_grad_scale
+        self.dynamic = bool(dynamic)
         self.rounding: Optional[RoundingHook] = None
         self._validate()
 
@@ -124,6 +133,8 @@ class Quantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "off":
             return x
+        if self.dynamic:
+            return self._per_token(x)
         s = self._grad_scaled(self.step_size(), x)
         dropping = self.training and self.drop_prob > 0.0
         if self.mode == "hard" and self.rounding is not None:
@@ -140,7 +151,33 @@ class Quantizer(nn.Module):
             return ops.noise_fake_quant(x, s, seed=self._next_seed(), mode=self.noise_mode, **kw)
         return ops.fake_quant(x, s, **kw)
 
+    def _per_token(self, x: Tensor) -> Tensor:
+        if x.dim() == 0 or x.numel() == 0:
+            return x
+        rows = x.reshape(-1, x.shape[-1])
+        dropping = self.training and self.drop_prob > 0.0
+        if self.mode == "hard" and not dropping and self.rounding is None:
+            with torch.no_grad():
+                q, s = ops.quantize_per_token(rows.detach().float(), bits=self.bits)
+                fq = (q.float() * s[:, None]).to(x.dtype)
+            return (rows + (fq - rows).detach()).reshape(x.shape)  # straight-through: every value is in range
+        if self.rounding is not None:
+            raise ValueError("Quantizer: a rounding hook is not supported with dynamic (per-token) quantization")
+        qmax = (1 << (self.bits - 1)) - 1
+        s = (rows.detach().abs().amax(1).float() / qmax).clamp_min(MIN_SCALE)
+        kw = dict(bits=self.bits, signed=True, axis=0)
+        if dropping:
+            y = ops.qdrop_fake_quant(rows, s, seed=self._next_seed(), p=self.drop_prob, noise=self.mode == "noise",
+                                     mode=self.noise_mode, **kw)
+        elif self.mode == "noise":
+            y = ops.noise_fake_quant(rows, s, seed=self._next_seed(), mode=self.noise_mode, **kw)
+        else:
+            y = ops.fake_quant(rows, s, **kw)
+        return y.reshape(x.shape)
+
     def extra_repr(self) -> str:
+        if self.dynamic:
+            return f"bits={self.bits}, per-token dynamic, mode={self.mode!r}, drop_prob={self.drop_prob}"
         return (f"bits={self.bits}, signed={self.signed}, axis={self.axis}, mode={self.mode!r}, "
                 f"noise_mode={self.noise_mode!r}, drop_prob={self.drop_prob}")
 
