@@ -170,7 +170,8 @@ def _grouped(t: Tensor, axis: Optional[int]) -> Tensor:
     """``t`` as ``[groups, elements per group]``: one group per scale."""
     if axis is None:
         return t.reshape(1, -1)
-    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+    groups = t.shape[axis]
+    return t.movedim(axis, 0).reshape(groups, t.numel() // groups if groups else 0)
 
 
 def _ungrouped(t: Tensor, like: Tensor, axis: Optional[int]) -> Tensor:
@@ -194,7 +195,9 @@ def rounding_error_histogram(x: Tensor, scale: Tensor, bits: int, signed: bool,
     v = xf * (1.0 / s)
     err = torch.round(v) - v
     inside = (xf > s * qmin) & (xf < s * qmax)
-    bins = torch.clamp(torch.floor((err + 0.5) * HIST_BINS), 0, HIST_BINS - 1).to(torch.int64)
+    bins = torch.clamp(torch.floor((err + 0.5) * HIST_BINS), 0, HIST_BINS - 1)
+    # an element outside the grid counts nothing; its bin (NaN for a non-finite x) must still be a valid index
+    bins = torch.where(inside, bins, torch.zeros_like(bins)).to(torch.int64)
     bins_g = _grouped(bins, axis)
     inside_g = _grouped(inside, axis).to(torch.int64)
     groups = bins_g.shape[0]

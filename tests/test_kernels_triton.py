@@ -234,8 +234,9 @@ def test_non_finite_inputs_follow_the_reference():
     g = torch.ones_like(x)
     for signed in (True, False):
         assert_same(kq.fake_quant(x, s, 4, signed, None), ref.fake_quant(x, s, 4, signed, None))
-        assert_same(kq.noise_fake_quant(x, s, 4, signed, None, 9, "uniform"),
-                    ref.noise_fake_quant(x, s, 4, signed, None, 9, "uniform"))
+        for mode in ("uniform", "histogram"):
+            assert_same(kq.noise_fake_quant(x, s, 4, signed, None, 9, mode),
+                        ref.noise_fake_quant(x, s, 4, signed, None, 9, mode))
         assert_same(kq.fake_quant_backward(g, x, s, 4, signed, None)[0],
                     ref.fake_quant_backward(g, x, s, 4, signed, None)[0])
         assert_same(kq.noise_fake_quant_backward(g, x, s, 4, signed, None, 9, "uniform")[0],

@@ -11,8 +11,7 @@ device, value), computes from the documented contract which arguments are wrong,
 Any other exception (a raw ``RuntimeError`` from deep inside torch, a ``ZeroDivisionError``) fails the
 property. Inputs include empty and one-element tensors, huge dimensions next to an empty one, transposed,
 strided, expanded and offset views, NaN and infinities, and tensors on the "meta" device (no values: only the
-result's shape, dtype and device are checked). The few checks the ops do not have yet are pinned by the
-strict ``xfail`` tests at the end: they turn red (XPASS) once the check lands, so the marker is removed.
+result's shape, dtype and device are checked).
 
 Example counts come from the hypothesis profile in conftest.py (``HYPOTHESIS_PROFILE=dev`` for more, and fresh
 ones on every run).
@@ -935,9 +934,6 @@ def test_qdrop_fake_quant_refuses_a_negative_seed():
         ops.qdrop_fake_quant(torch.randn(4), torch.tensor(0.1), bits=4, seed=-1)
 
 
-@pytest.mark.xfail(strict=True, reason="noise_fake_quant(mode='histogram') on an x with NaN or inf: the reference's "
-                                       "rounding-error histogram indexes a bin from the NaN error (RuntimeError); "
-                                       "count only elements strictly inside the grid, or refuse non-finite x")
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_histogram_noise_of_non_finite_x(bad):
     x = torch.tensor([0.3, bad, -0.2])
@@ -949,8 +945,6 @@ def test_histogram_noise_of_non_finite_x(bad):
     assert_same(y, ref.noise_fake_quant(x, torch.tensor(0.5), 4, True, None, 0, "histogram"))
 
 
-@pytest.mark.xfail(strict=True, reason="noise_fake_quant(mode='histogram') with one scale per index of an empty dim: "
-                                       "the reference groups the empty x with reshape(0, -1) (RuntimeError)")
 @pytest.mark.parametrize("shape, axis", [((3, 0), 1), ((0,), 0)])
 def test_histogram_noise_along_an_empty_dim(shape, axis):
     x, scale = torch.randn(shape), torch.ones(shape[axis])
