@@ -2,7 +2,7 @@
 // headers so that `make nvcc-check` compiles them without torch) and the torch binding (csrc/bindings.cpp).
 //
 // Every kernel computes, for a_q int8 [M, K] (row stride lda) and weights w in the hdrq.ops.pack_weight
-// layout (int8 or 6-bit, N x K, see hdrq/reference.py and csrc/gemm_layout.cuh):
+// layout (int8 or 6-bit, N x K, see hdrq/reference.py pack_weight and csrc/gemm_device.cuh):
 //   acc[m, n] = sum_k a_q[m, k] * w[n, k]                          (exact int32)
 //   out[m, n] = fp32(acc) * a_scale[m or 0] * w_scale[n] (+ bias[n])  (fp32, in that order, no FMA)
 // cast once to bf16 / fp16 / fp32, or (kOutInt32, the debug op) acc itself.

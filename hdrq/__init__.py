@@ -1,7 +1,7 @@
 """hdrq: merge-friendly post-training quantization (HDRQ, ICML 2025) and deployment of merged
 low-precision models, with Triton and CUDA kernels behind one op seam (``hdrq.ops``).
 
-The public names of DESIGN §4 are imported lazily (``import hdrq`` stays fast and never imports Triton):
+The public names are imported lazily (``import hdrq`` stays fast and never imports Triton):
 
     hdrq.ops, hdrq.set_backend, hdrq.QuantConfig, hdrq.quantize, hdrq.merge, hdrq.error_barrier,
     hdrq.convert, hdrq.save, hdrq.load, hdrq.nn, hdrq.analysis

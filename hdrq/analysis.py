@@ -1,7 +1,7 @@
 """Loss-landscape analysis of (quantized) models: the error barrier between two models, the Hessian trace,
 and a plot of barrier curves.
 
-Error barrier (Frankle et al. 2020), as DESIGN §1 defines it: along ``theta(l) = (1 - l) theta_a + l theta_b``
+Error barrier (Frankle et al. 2020): along ``theta(l) = (1 - l) theta_a + l theta_b``
 for ``l`` in ``linspace(0, 1, steps)``, ``barrier = max_l L(theta(l)) - (L(theta_a) + L(theta_b)) / 2``.
 
 What is evaluated at each point: a copy of ``model_a`` in eval mode in which *every* floating parameter and

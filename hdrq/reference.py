@@ -370,7 +370,8 @@ def unpack_int6(packed: Tensor, shape) -> Tensor:
     return v.reshape(shape).to(torch.int8)
 
 
-# The kernel weight layout (pack_weight). Shared constants: csrc/gemm_layout.cuh mirrors them.
+# The kernel weight layout (pack_weight). Shared constants: csrc/gemm_device.cuh (kUnitK, the panel and plane
+# geometry) mirrors them.
 GEMM_PANEL_ROWS = 16   # output channels per panel: two n8 blocks of mma.m16n8k32
 GEMM_UNIT_K = 32       # reduction length of one unit: the k of mma.m16n8k32
 GEMM_PLANE_BYTES = 128  # one 8 x 16-byte core matrix; lane l of a warp owns bytes [4l, 4l + 4)

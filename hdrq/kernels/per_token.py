@@ -86,9 +86,8 @@ def quantize_per_token(x: torch.Tensor, bits: int):
     one_pass = k <= MAX_ONE_PASS
     bk = runtime.next_pow2(k) if one_pass else 2048
     bm = max(1, min(runtime.next_pow2(m), TILE // bk)) if one_pass else 1
-    # 32 elements per thread in one pass, 8 warps when rows are read twice: the best of a launch sweep on an
-    # H100 (bench/tune_quant.py, 2026-11-26: 8192 x 4096 bf16 at 83.6% of copy vs 77.5% with 16 per thread;
-    # 8192 x 14336 at 67% vs 58% with 4 warps).
+    # 32 elements per thread in one pass, 8 warps when rows are read twice: the best of a launch sweep
+    # (bench/tune_quant.py; the measured shares of copy bandwidth are in bench/RESULTS.md).
     num_warps = max(1, min(8, bm * bk // 1024)) if one_pass else 8
     with runtime.device_guard(x):
         _per_token_kernel[(triton.cdiv(m, bm),)](x, q, scale, m, k, x.stride(0), qmax, BM=bm, BK=bk,
